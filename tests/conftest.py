@@ -1,0 +1,30 @@
+"""Test fixtures shared by every test module.
+
+The real public samples live in the kit folder beside the checkout (``../shared/data``). In a
+user's fresh clone that folder is absent: the tests that need it skip with a clear reason. CI
+(``.ci/run``) sets ``FED_ECG_REQUIRE_KIT_DATA=1`` so that their absence is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KIT_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def kit_data() -> Path:
+    """Path of the real public ECG samples (``../shared/data``), or skip/fail if absent."""
+    if not (KIT_DATA / "README.md").is_file():
+        msg = (
+            f"real ECG samples not found at {KIT_DATA} (the kit folder beside the checkout); "
+            "these tests read real PhysioNet files and cannot run without them"
+        )
+        if os.environ.get("FED_ECG_REQUIRE_KIT_DATA") == "1":
+            pytest.fail(msg + " - FED_ECG_REQUIRE_KIT_DATA=1 makes this a failure")
+        pytest.skip(msg)
+    return KIT_DATA
