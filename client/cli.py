@@ -1,0 +1,421 @@
+"""`python -m client`: the hospital's command. Validates the site and its data, then runs a
+Flower SuperNode for that site (``flower-supernode``) whose node config carries the site name and
+the cache location, so the project's ClientApp trains on this site's data.
+
+Only model arrays and metrics leave the machine; the data directory is read by the ClientApp
+processes the SuperNode spawns locally.
+
+    python -m client --site mimic --superlink coordinator.example.org:9092 \
+        --data /data/mimic-cache --root-certificates ca.crt --auth-key mimic.key
+    python -m client --site ptb --superlink 127.0.0.1:9092 --data ./cache/ptb --insecure --dry-run
+
+TLS is the default. Plain text needs an explicit ``--insecure`` (local tests only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.data.record import SITES
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_CONNECT = 3  # the SuperLink could not be reached or refused this node
+EXIT_SUPERNODE = 4  # flower-supernode failed for another reason
+
+# flower-supernode prints this exit code when it gives up connecting (see flwr ref-exit-codes/305).
+FLWR_EXIT_CONNECTION_FAILED = 305
+
+
+class UsageError(Exception):
+    """Bad input from the operator: printed as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """What the node will serve, read from the prepared cache's manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Run this hospital's Flower SuperNode for the fed-ecg federation.",
+    )
+    parser.add_argument("--site", required=True, help=f"this site's name: {', '.join(SITES)}")
+    parser.add_argument("--superlink", help="the coordinator's SuperLink as HOST:PORT")
+    parser.add_argument(
+        "--data", required=True, type=Path,
+        help="prepared cache directory of this site (python -m shared.data prepare ...)",
+    )
+    parser.add_argument(
+        "--root-certificates", type=Path, metavar="CA.pem",
+        help="CA certificate that signed the SuperLink's certificate (the federation's ca.crt); "
+        "without it the system trust store is used",
+    )
+    parser.add_argument(
+        "--auth-key", type=Path, metavar="KEY",
+        help="this site's ECDSA private key (OpenSSH format) for SuperNode authentication",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="plain-text connection without TLS (local tests only; never across a network)",
+    )
+    parser.add_argument(
+        "--runtime-port", type=int, default=0,
+        help="local port of the SuperNode's runtime API (127.0.0.1 only; default: a free port)",
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=300.0, metavar="SECONDS",
+        help="give up when the SuperLink stays unreachable this long (default 300; 0 = never)",
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=None,
+        help="give up after this many failed connection attempts (default: no limit)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="validate, print what this node would serve and the command, and exit",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        site_data = validate(args)
+        command = supernode_command(args, site_data)
+    except UsageError as exc:
+        print(f"python -m client: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        print(describe(args, site_data, command))
+        return EXIT_OK
+    return run_supernode(command, args)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(args: argparse.Namespace) -> SiteData:
+    """Check everything that can be checked locally; raise ``UsageError`` naming the problem."""
+    if args.site not in SITES:
+        raise UsageError(f"unknown site '{args.site}'; choose one of: {', '.join(SITES)}")
+    if not args.dry_run and not args.superlink:
+        raise UsageError("--superlink HOST:PORT is required (the coordinator's address)")
+    if args.superlink:
+        check_address(args.superlink)
+    site_data = load_site_data(args.site, args.data)
+    if args.insecure and args.root_certificates:
+        raise UsageError("--insecure and --root-certificates contradict each other; drop one")
+    if args.insecure and args.auth_key:
+        raise UsageError(
+            "--auth-key needs TLS: drop --insecure and pass --root-certificates "
+            "(Flower refuses node authentication over plain text)"
+        )
+    if args.root_certificates:
+        check_pem_certificate(args.root_certificates)
+    if args.auth_key:
+        check_auth_key(args.auth_key)
+    if args.runtime_port and not 0 < args.runtime_port < 65536:
+        raise UsageError(f"--runtime-port {args.runtime_port} is not a TCP port")
+    if args.max_wait < 0:
+        raise UsageError("--max-wait must be >= 0 seconds")
+    if args.max_retries is not None and args.max_retries < 0:
+        raise UsageError("--max-retries must be >= 0")
+    return site_data
+
+
+def check_address(address: str) -> None:
+    match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})", address)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise UsageError(
+            f"--superlink '{address}' is not HOST:PORT (e.g. coordinator.example.org:9092, "
+            "no https:// prefix)"
+        )
+
+
+def load_site_data(site: str, data: Path) -> SiteData:
+    """Validate the cache at ``data`` for ``site``; explain what to do when it is not one."""
+    # Imported here so that `--help` and argument errors stay fast.
+    from shared.data.cache import MANIFEST, validate_cache
+    from shared.data.errors import CacheError
+
+    if not data.exists():
+        raise UsageError(f"--data {data}: no such directory")
+    if not data.is_dir():
+        raise UsageError(f"--data {data}: not a directory")
+    if not os.access(data, os.R_OK | os.X_OK):
+        raise UsageError(f"--data {data}: not readable by this user")
+    if not (data / MANIFEST).is_file():
+        if looks_like_dataset_root(data):
+            raise UsageError(
+                f"--data {data} is a raw dataset root, not a prepared cache. Prepare it first:\n"
+                f"  python -m shared.data prepare --site {site} --source {data} "
+                f"--out {data.parent / (data.name + '-cache')}\n"
+                "then pass the --out directory as --data"
+            )
+        raise UsageError(
+            f"--data {data}: no {MANIFEST} here, so it is not a prepared cache; build one with "
+            f"`python -m shared.data prepare --site {site} --source <dataset root> --out <dir>`"
+        )
+    try:
+        manifest = validate_cache(data)
+    except CacheError as exc:
+        raise UsageError(f"--data {data}: invalid cache: {exc}") from exc
+    cache_site = manifest.get("site")
+    if cache_site != site:
+        raise UsageError(
+            f"--data {data} holds site '{cache_site}', not '{site}': wrong --site or wrong --data"
+        )
+    return SiteData(path=data.resolve(), manifest=manifest)
+
+
+def looks_like_dataset_root(path: Path) -> bool:
+    """True when ``path`` holds WFDB/Challenge files rather than a cache (a shallow look)."""
+    patterns = ("*.hea", "*/*.hea", "*/*/*.hea", "RECORDS", "*.csv", "*/*.mat")
+    return any(next(path.glob(p), None) is not None for p in patterns)
+
+
+def check_pem_certificate(path: Path) -> None:
+    if not path.is_file():
+        raise UsageError(f"--root-certificates {path}: no such file")
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--root-certificates {path}: unreadable ({exc.strerror})") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise UsageError(
+            f"--root-certificates {path}: not a PEM certificate (expected the federation's "
+            "ca.crt from deploy/make-certs.sh)"
+        )
+
+
+def check_auth_key(path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    if not path.is_file():
+        raise UsageError(f"--auth-key {path}: no such file")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise UsageError(f"--auth-key {path}: unreadable ({exc.strerror})") from exc
+    except (ValueError, TypeError) as exc:
+        raise UsageError(
+            f"--auth-key {path}: not an unencrypted OpenSSH private key ({exc}); create one with "
+            "`ssh-keygen -t ecdsa -b 384 -N '' -f KEY`"
+        ) from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise UsageError(
+            f"--auth-key {path}: {type(key).__name__} is not accepted by Flower; "
+            "use an ECDSA key (`ssh-keygen -t ecdsa -b 384`)"
+        )
+
+
+# ---------------------------------------------------------------- the SuperNode command
+
+
+def node_config(site: str, data: Path) -> str:
+    """The ``--node-config`` string: TOML literal strings, so paths need no escaping."""
+    text = str(data)
+    if "'" in text or "\n" in text:
+        raise UsageError(f"--data {data}: a path with a quote or newline cannot be passed on")
+    return f"site='{site}' data='{text}'"
+
+
+def free_local_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str]:
+    exe = shutil.which("flower-supernode", path=runtime_path())
+    if exe is None:
+        raise UsageError("flower-supernode not found: install the project (pip install -e .)")
+    command = [exe, "--superlink", args.superlink or "HOST:PORT"]
+    if args.insecure:
+        command.append("--insecure")
+    elif args.root_certificates:
+        command += ["--root-certificates", str(args.root_certificates.resolve())]
+    if args.auth_key:
+        command += ["--auth-supernode-private-key", str(args.auth_key.resolve())]
+    port = args.runtime_port or (0 if args.dry_run else free_local_port())
+    command += ["--host", "127.0.0.1", "--port", str(port) if port else "<free port>"]
+    if args.max_wait > 0:
+        command += ["--max-wait-time", str(args.max_wait)]
+    if args.max_retries is not None:
+        command += ["--max-retries", str(args.max_retries)]
+    command += ["--node-config", node_config(args.site, site_data.path)]
+    return command
+
+
+def runtime_path() -> str:
+    """PATH with this interpreter's bin first: the SuperNode spawns flower-superexec and
+    flwr-clientapp by bare name, and they must come from the same environment."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def describe(args: argparse.Namespace, site_data: SiteData, command: list[str]) -> str:
+    manifest = site_data.manifest
+    classes = list(manifest.get("classes", []))
+    available = list(manifest.get("label_available", []))
+    lines = [
+        f"site: {args.site}",
+        f"data: {site_data.path}"
+        + ("  (SYNTHETIC data)" if manifest.get("synthetic") else ""),
+        f"dataset: {manifest.get('dataset')} {manifest.get('dataset_version', '')}".rstrip(),
+        f"label space: {manifest.get('label_space')}",
+        "label availability: "
+        + ", ".join(f"{c}={'yes' if a else 'unknown here'}" for c, a in zip(classes, available)),
+        "counts per split:",
+    ]
+    header = f"  {'split':<6} {'records':>8} {'windows':>8} {'patients':>9}  " + " ".join(
+        f"{c:>6}" for c in classes
+    )
+    lines.append(header)
+    for split, counts in manifest.get("counts", {}).items():
+        positives = counts.get("positives", {})
+        lines.append(
+            f"  {split:<6} {counts.get('records', 0):>8} {counts.get('windows', 0):>8} "
+            f"{counts.get('patients', 0):>9}  "
+            + " ".join(f"{positives.get(c, 0):>6}" for c in classes)
+        )
+    lines.append("  (class columns: positive records; a class unknown at this site counts 0)")
+    lines.append(f"node config: {node_config(args.site, site_data.path)}")
+    lines.append(
+        "transport: "
+        + ("PLAIN TEXT (--insecure)" if args.insecure else "TLS")
+        + (", node authentication with " + str(args.auth_key) if args.auth_key else "")
+    )
+    lines.append("command: " + " ".join(_quote(c) for c in command))
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    return f'"{text}"' if re.search(r"[\s'\"]", text) else text
+
+
+# ---------------------------------------------------------------- running it
+
+
+def run_supernode(command: list[str], args: argparse.Namespace) -> int:
+    """Run flower-supernode in the foreground, pass its output through, forward SIGTERM/SIGINT,
+    and turn a connection failure into a message that says what to check."""
+    env = dict(os.environ, PATH=runtime_path())
+    print(
+        f"python -m client: starting SuperNode for site '{args.site}' -> {args.superlink} "
+        f"({'PLAIN TEXT' if args.insecure else 'TLS'})",
+        file=sys.stderr, flush=True,
+    )
+    # Own session: the SuperNode's helpers (flower-superexec, flwr-clientapp) share its process
+    # group, so the whole group can be stopped when the SuperNode ends.
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, errors="replace", bufsize=1, start_new_session=True,
+    )
+
+    def forward(signum: int, _frame: Any) -> None:
+        _signal_group(proc.pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+
+    tail: deque[str] = deque(maxlen=60)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
+    pump.start()
+    rc = proc.wait()
+    _stop_group(proc.pid)
+    pump.join(timeout=5)
+    if rc == 0 or rc < 0:  # clean exit, or stopped by a signal we forwarded
+        return EXIT_OK if rc == 0 else 128 - rc
+    hint = diagnose(rc, list(tail), args)
+    print(f"python -m client: error: {hint}", file=sys.stderr)
+    return EXIT_CONNECT if connection_failed(rc, list(tail)) else EXIT_SUPERNODE
+
+
+def connection_failed(rc: int, tail: list[str]) -> bool:
+    """Flower's exit code 305 (seen as 305 % 256 by the parent, and printed in the log)."""
+    return rc == FLWR_EXIT_CONNECTION_FAILED % 256 or any(
+        f"Exit Code: {FLWR_EXIT_CONNECTION_FAILED}" in line for line in tail
+    )
+
+
+def _pump(stream: Any, tail: deque[str]) -> None:
+    """Pass the SuperNode's output through to our stderr, keeping the last lines."""
+    for line in stream:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        tail.append(_strip_ansi(line))
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop_group(pgid: int, grace: float = 3.0) -> None:
+    """Stop what the SuperNode left behind in its process group (its SuperExec)."""
+    _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def diagnose(rc: int, tail: list[str], args: argparse.Namespace) -> str:
+    """One message naming the likely cause of a failed SuperNode, from its last output lines."""
+    text = "".join(tail)
+    where = f"SuperLink {args.superlink}"
+    if "Failed to activate SuperNode" in text or "code: 2004" in text:
+        return (
+            f"{where} refused this node's key: the public key of {args.auth_key} is not "
+            "registered. Ask the coordinator to run `flwr supernode register <site>.key.pub "
+            "<connection>` (deploy/README.md, 'Register a site')"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (
+            f"TLS verification of {where} failed: pass the federation's ca.crt with "
+            "--root-certificates, and check that the SuperLink certificate lists the host name "
+            "you used (deploy/make-certs.sh --host)"
+        )
+    if "Server disconnected without sending a response" in text and args.insecure:
+        return (
+            f"{where} closed the plain-text connection: it speaks TLS. Drop --insecure and pass "
+            "--root-certificates ca.crt"
+        )
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return f"{where} does not speak TLS: it was started with --insecure (dev only)"
+    if connection_failed(rc, tail):
+        return (
+            f"could not reach {where} (gave up after the retry limit: --max-wait "
+            f"{args.max_wait:g}s). Check that the coordinator's SuperLink is running, the host "
+            "name and port are right, and a firewall allows this machine out to that port"
+        )
+    return f"flower-supernode exited with code {rc}; see its output above"

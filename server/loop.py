@@ -1,0 +1,136 @@
+"""The federation seen from the server: set up, run the strategy, report. Called by the
+ServerApp with Flower's ``Grid``; tests call it with a fake grid.
+
+Order: validate the config (done by the caller) -> output dir and, with ``resume``, the last
+checkpoint -> wait for one node per site (with a deadline) -> server-side copy of the test
+splits for the pooled-test AUROC (simulation; prepares the synthetic caches before round 1) ->
+``strategy.start`` with :class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from omegaconf import DictConfig
+
+from client.data import ensure_cache
+from client.site import new_model
+from server.config import ConfigError, cache_root, site_cache_setting
+from server.rounds import CHECKPOINT, ROUNDS_CSV, RoundEnd, RoundLog
+from server.strategies import build_strategy
+from server.summary import final_table, render, write_summary
+from shared.training import load_checkpoint
+
+POOLED_NOTE = ("server-side: the server's own copy of every site's test split, predictions "
+               "concatenated (simulation only)")
+
+
+@dataclass
+class ServerOutcome:
+    out_dir: Path
+    final_round: int
+    log: RoundLog
+    arrays: ArrayRecord | None
+    table_text: str
+
+
+def resolve_out_dir(cfg: DictConfig) -> Path:
+    if cfg.out_dir:
+        return Path(str(cfg.out_dir)).expanduser().resolve()
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    dp = "-dp" if cfg.dp else ""
+    return cache_root() / "runs" / f"{cfg.model}-{cfg.strategy}{dp}-seed{cfg.seed}-{stamp}"
+
+
+def wait_for_nodes(grid, needed: int, timeout: float, echo=print) -> list[int]:
+    """Node ids once ``needed`` nodes are connected; a clear error after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= needed:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f} s, the run needs {needed} "
+                "(one per site). Simulation: run with --federation-config \"num-supernodes="
+                f"{needed}\" or once `python -m simulations.setup_flower` (see README). Deployment: "
+                "start one SuperNode per site."
+            )
+        time.sleep(0.5)
+
+
+def pooled_caches(cfg: DictConfig, echo=print) -> dict[str, Path] | None:
+    """The server's copy of the sites' caches, or None when pooled evaluation is off.
+
+    ``server-eval = auto``: on when every site's data is the embedded synthetic data or a cache
+    path that exists on the server (simulation); off otherwise (deployment: the server holds no
+    data, and the sites' federated-evaluation AUROCs are the only ones reported).
+    """
+    if cfg.server_eval == "off":
+        return None
+    settings = {s: site_cache_setting(cfg, s) for s in cfg.site_list}
+    if cfg.server_eval == "auto" and any(v and not (Path(v).expanduser() / "manifest.json").is_file()
+                                         for v in settings.values()):
+        echo("pooled-test AUROC off: some site caches are not on the server (server-eval = auto)")
+        return None
+    return {site: ensure_cache(site, setting, cfg) for site, setting in settings.items()}
+
+
+def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
+    out_dir = resolve_out_dir(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = int(cfg.num_server_rounds)
+    offset, strategy_state, history = 0, None, None
+    if cfg.resume and (out_dir / CHECKPOINT).is_file():
+        ckpt = load_checkpoint(out_dir / CHECKPOINT)
+        _check_same_run(cfg, ckpt, out_dir)
+        offset = int(ckpt["round"])
+        state = ckpt["state_dict"]
+        strategy_state = ckpt.get("strategy_state")
+        history = RoundLog.read(out_dir / ROUNDS_CSV, offset)
+        echo(f"resuming {out_dir} after round {offset} of {total}")
+    else:
+        if cfg.resume:
+            echo(f"resume: no checkpoint in {out_dir} yet, starting at round 1")
+        torch.manual_seed(int(cfg.seed))
+        state = new_model(cfg).state_dict()
+    echo(f"fed-ecg federation: model {cfg.model}/{cfg.preset}, strategy {cfg.strategy}, "
+         f"sites {','.join(cfg.site_list)}, {total} rounds, dp {'on' if cfg.dp else 'off'}; output {out_dir}")
+
+    wait_for_nodes(grid, int(cfg.min_nodes), float(cfg.node_wait_timeout), echo)
+    caches = pooled_caches(cfg, echo)
+    strategy = build_strategy(cfg, round_offset=offset)
+    strategy.load_optimizer_state(strategy_state)
+    round_end = RoundEnd(cfg, out_dir, strategy, total_rounds=total, round_offset=offset,
+                         pooled_caches=caches, history=history, echo=echo)
+    if offset < total:
+        strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - offset,
+            timeout=float(cfg.round_timeout), train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+            evaluate_fn=round_end,
+        )
+    synthetic = all(round_end.site_synthetic.values()) if round_end.site_synthetic else not any(
+        site_cache_setting(cfg, s) for s in cfg.site_list)
+    table = final_table(cfg, round_end.log, total, synthetic=synthetic,
+                        pooled_note=POOLED_NOTE if round_end.pooled_caches else None)
+    text = render(table)
+    echo(text)
+    write_summary(out_dir, text)
+    echo(f"checkpoint: {out_dir / CHECKPOINT} (load: from shared.training import load_model; "
+         f"model = load_model('{out_dir / CHECKPOINT}'))")
+    return ServerOutcome(out_dir, total, round_end.log, round_end.final_arrays, text)
+
+
+def _check_same_run(cfg: DictConfig, ckpt: dict, out_dir: Path) -> None:
+    old = ckpt.get("run_config") or {}
+    for key in ("model", "preset", "strategy", "dp", "sites", "seed"):
+        if key in old and old[key] != cfg[key]:
+            raise ConfigError(
+                f"resume: {out_dir / CHECKPOINT} was written with {key} = {old[key]!r}, "
+                f"this run has {cfg[key]!r}; use another out-dir or the same settings"
+            )

@@ -1,0 +1,190 @@
+"""Training and evaluation batches from a prepared cache.
+
+``WindowDataset(cache_dir, split, crop_samples=None, train=False, normalize="zscore")`` yields
+``(x float32 [leads, L], y float32 [K], mask float32 [K])``:
+
+* train mode: one item per window; each access takes a random crop of ``crop_samples``
+  (the whole window when ``crop_samples`` is None or equals the window);
+* eval mode: every window is tiled into ``window // crop_samples`` non-overlapping crops (the
+  tail is dropped); ``item_record`` maps every item to its record (row of ``records.csv``), so
+  a record-level prediction is the mean of its items' probabilities
+  (:func:`shared.metrics.record_level`).
+
+``normalize="zscore"`` standardises each lead of each item over its own samples (per-lead
+z-score, so amplitude differences between sites and devices do not leak into the model);
+``"none"`` leaves millivolts.
+
+Indexing with a list of indices returns a whole batch with one vectorised read of the float16
+memmap; :func:`make_loader` uses that, so a batch costs one fancy-index + one conversion instead
+of ``batch_size`` Python calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+
+from .cache import Cache, open_cache
+
+NORMALIZATIONS = ("zscore", "none")
+_EPS = 1e-6
+
+
+class WindowDataset(Dataset):
+    """Items of one split of a cache (see module docstring)."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path | Cache,
+        split: str,
+        crop_samples: int | None = None,
+        train: bool = False,
+        normalize: str = "zscore",
+        seed: int = 0,
+    ):
+        self.cache = cache_dir if isinstance(cache_dir, Cache) else open_cache(cache_dir)
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        window = self.cache.window_samples
+        self.crop_samples = int(crop_samples or window)
+        if not 0 < self.crop_samples <= window:
+            raise ValueError(f"crop_samples must be in 1..{window} (the cache's window), got {crop_samples}")
+        self.split, self.train, self.normalize, self.seed = split, bool(train), normalize, int(seed)
+        self.windows = self.cache.split_windows(split)  # rows of signals.npy in this split
+        if self.train:
+            self.item_window = self.windows
+            self.item_offset = None  # random per access
+        else:
+            tiles = window // self.crop_samples
+            self.item_window = np.repeat(self.windows, tiles)
+            self.item_offset = np.tile(np.arange(tiles, dtype=np.int64) * self.crop_samples, len(self.windows))
+        self.item_record = self.cache.window_record[self.item_window].astype(np.int64)
+        self._labels = torch.from_numpy(np.asarray(self.cache.labels, dtype=np.float32))
+        self._mask = torch.from_numpy(np.asarray(self.cache.label_mask, dtype=np.float32))
+        self._rng: np.random.Generator | None = None
+        self._rng_owner: int | None = None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def n_leads(self) -> int:
+        return int(self.cache.signals.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.cache.labels.shape[1])
+
+    @property
+    def classes(self) -> list[str]:
+        return self.cache.classes
+
+    @property
+    def record_ids(self) -> np.ndarray:
+        """Record id of every record of the cache, indexed like ``item_record``."""
+        return np.array([r["record_id"] for r in self.cache.records])
+
+    def __len__(self) -> int:
+        return len(self.item_window)
+
+    # ------------------------------------------------------------------ items
+    def __getitem__(self, index):
+        """An int gives one item; a sequence of ints gives a batch ``(x [B, ...], y [B, K], mask [B, K])``."""
+        if isinstance(index, (int, np.integer)):
+            x, y, m = self.get_batch([int(index)])
+            return x[0], y[0], m[0]
+        return self.get_batch(index)
+
+    def __getitems__(self, indices: Sequence[int]):
+        x, y, m = self.get_batch(indices)
+        return list(zip(x, y, m))
+
+    def get_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} items")
+        win = self.item_window[idx]
+        L, W = self.crop_samples, self.cache.window_samples
+        # One sorted fancy read of the memmap (sequential on disk), then back to batch order.
+        order = np.argsort(win, kind="stable")
+        raw = np.empty((len(idx), self.n_leads, W), dtype=np.float16)
+        raw[order] = self.cache.signals[win[order]]
+        if L == W:
+            x = raw.astype(np.float32)
+        else:
+            offsets = self._random_offsets(len(idx), W - L) if self.train else self.item_offset[idx]
+            cols = offsets[:, None] + np.arange(L)[None, :]
+            x = np.take_along_axis(raw, cols[:, None, :], axis=2).astype(np.float32)
+        if self.normalize == "zscore":
+            x -= x.mean(axis=2, keepdims=True)
+            x /= x.std(axis=2, keepdims=True) + _EPS
+        rec = torch.from_numpy(self.item_record[idx])
+        return torch.from_numpy(x), self._labels[rec], self._mask[rec]
+
+    def _random_offsets(self, n: int, high: int) -> np.ndarray:
+        info = torch.utils.data.get_worker_info()
+        owner = -1 if info is None else info.id
+        if self._rng is None or self._rng_owner != owner:
+            base = self.seed if info is None else info.seed
+            self._rng = np.random.default_rng([self.seed, base & 0xFFFFFFFF, owner + 1])
+            self._rng_owner = owner
+        return self._rng.integers(0, high + 1, size=n)
+
+
+class ContiguousBatchSampler(Sampler[list[int]]):
+    """Batches of consecutive items in a shuffled batch order (for caches larger than RAM).
+
+    Each batch is one contiguous run of windows, so a cold memmap is read sequentially; the
+    order of batches is reshuffled every epoch. Less random than item shuffling: use it when
+    the disk, not the CPU, is the bottleneck.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, drop_last: bool = False, seed: int = 0):
+        self.n, self.batch_size, self.drop_last, self.seed, self.epoch = n_items, batch_size, drop_last, seed, 0
+
+    def __iter__(self):
+        starts = np.arange(0, self.n, self.batch_size)
+        if self.drop_last and self.n % self.batch_size:
+            starts = starts[:-1]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        for s in rng.permutation(starts):
+            yield list(range(int(s), min(int(s) + self.batch_size, self.n)))
+
+    @property
+    def record_ids(self) -> np.ndarray:
+        """Record id of every record of the cache, indexed like ``item_record``."""
+        return np.array([r["record_id"] for r in self.cache.records])
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+
+def make_loader(
+    dataset: WindowDataset,
+    batch_size: int = 32,
+    *,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    contiguous: bool = False,
+) -> DataLoader:
+    """A DataLoader yielding ``(x [B, leads, L], y [B, K], mask [B, K])`` batches.
+
+    ``shuffle`` defaults to ``dataset.train``. Batches are fetched whole via
+    :meth:`WindowDataset.get_batch` (``batch_size=None`` + a batch sampler).
+    """
+    shuffle = dataset.train if shuffle is None else shuffle
+    if contiguous:
+        sampler = ContiguousBatchSampler(len(dataset), batch_size, drop_last, seed)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        sampler = BatchSampler(base, batch_size, drop_last)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=None, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

@@ -1,0 +1,22 @@
+"""Results and the comparison report: long-form CSV -> Markdown tables + PNG plots (Flower-free)."""
+
+from .build import build_report
+from .results import (
+    COLUMNS,
+    MEAN_OF_SITES,
+    OWN_SITE,
+    POOLED,
+    append_results,
+    config_hash,
+    finished_runs,
+    make_row,
+    predictions_path,
+    read_results,
+)
+from .scores import bootstrap_interval, concat_predictions, macro_auroc, score_rows, site_scores
+
+__all__ = [
+    "COLUMNS", "MEAN_OF_SITES", "OWN_SITE", "POOLED", "append_results", "bootstrap_interval",
+    "build_report", "concat_predictions", "config_hash", "finished_runs", "macro_auroc", "make_row",
+    "predictions_path", "read_results", "score_rows", "site_scores",
+]

@@ -1,0 +1,255 @@
+"""Run a Flower app as a simulation in an isolated Flower home, and say whether it succeeded.
+
+:func:`run_federation` starts its own local SuperLink (its own ``FLWR_HOME``, its own port found
+at run time), submits the app with ``flwr run``, waits for the run to finish, reads the run's
+status with ``flwr ls --run-id ID --format json`` (``flwr run`` itself exits 0 even when the run
+fails) and always stops the SuperLink it started, by PID (its whole process group: the
+simulation and Ray processes it spawned), on success, failure or exception alike.
+
+Used by ``python -m simulations.run`` (the checked entry point), ``simulations/compare.py``, the
+tests and ``bench/fl``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+DEFAULT_APP_DIR = Path(__file__).resolve().parent / "four_sites"
+SUPERLINK_STARTUP_TIMEOUT = 30.0
+
+
+@dataclass
+class FederationResult:
+    status: str  # "finished:completed" on success; "finished:failed", "timeout", ... otherwise
+    run_id: str | None
+    out_dir: Path | None
+    log: str  # the run's log (ServerApp and ClientApp output)
+    wall_s: float
+    startup_s: float  # SuperLink start + submission until the run was accepted
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (bind to port 0 and ask the OS)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def format_overrides(run_config: Mapping[str, Any]) -> str:
+    """``{"lr": 0.01, "model": "cardioformer"}`` -> ``lr=0.01 model="cardioformer"`` for --run-config."""
+    parts = []
+    for key, value in run_config.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(str(value))
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def _bin(name: str) -> str:
+    """A Flower executable from this interpreter's environment (the venv's ``bin/``)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.is_file() else shutil.which(name)
+    if not found:
+        raise FederationError(f"`{name}` not found next to {sys.executable} nor on PATH: is flwr installed?")
+    return found
+
+
+def _env(flwr_home: Path, port: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(port)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # The SuperLink spawns flwr-simulation / flwr-serverapp by bare name.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def start_superlink(flwr_home: Path, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """A local simulation SuperLink exactly as ``flwr run`` would start it, but owned by us."""
+    if _healthy(port):
+        raise FederationError(f"port {port} already serves a SuperLink; refusing to reuse it")
+    runtime = flwr_home / "local-superlink"
+    runtime.mkdir(parents=True, exist_ok=True)
+    cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+           "--host", "127.0.0.1", "--port", str(port), "--database", str(runtime / "state.db"),
+           "--log-file", str(runtime / "superlink.log")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + SUPERLINK_STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FederationError(f"flower-superlink exited with code {proc.returncode}; see {runtime / 'superlink.log'}")
+        if _healthy(port):
+            return proc
+        time.sleep(0.2)
+    stop_process_tree(proc)
+    raise FederationError(f"flower-superlink did not become healthy on port {port} within {SUPERLINK_STARTUP_TIMEOUT:.0f} s")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found, whatever their session)."""
+    try:
+        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
+    except OSError:
+        return []
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            children.setdefault(int(parts[1]), []).append(int(parts[0]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``proc`` and every process it spawned, by PID: SIGTERM, then SIGKILL after ``grace``.
+
+    The SuperLink's children (SuperExec, the simulation, Ray) start their own sessions, so a
+    process-group kill would miss them; the tree is collected before anything is signalled.
+    """
+    pids = [proc.pid, *_descendants(proc.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            proc.poll()
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            break
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
+    proc = _flwr(["ls", "--run-id", str(run_id), "--format", "json"], env, cwd)
+    try:
+        runs = json.loads(proc.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return f"unknown ({(proc.stdout + proc.stderr).strip()[-300:]})"
+
+
+def run_federation(
+    app_dir: str | Path = DEFAULT_APP_DIR,
+    run_config: Mapping[str, Any] | None = None,
+    *,
+    num_supernodes: int = 4,
+    client_cpus: float = 1,
+    client_gpus: float = 0.0,
+    flwr_home: str | Path | None = None,
+    port: int | None = None,
+    timeout: float = 1800.0,
+    echo: TextIO | None = None,
+) -> FederationResult:
+    """Run ``app_dir`` with ``run_config`` overrides on ``num_supernodes`` simulated nodes.
+
+    Returns when the run has finished (or after ``timeout`` seconds, status ``timeout``); the
+    SuperLink started here is stopped in every case. ``echo`` (e.g. ``sys.stdout``) receives
+    the run's log lines live.
+    """
+    app_dir = Path(app_dir).resolve()
+    run_config = dict(run_config or {})
+    out_dir = Path(run_config["out-dir"]).expanduser().resolve() if run_config.get("out-dir") else None
+    own_home = flwr_home is None
+    home = Path(tempfile.mkdtemp(prefix="fed-ecg-flwr-")) if own_home else Path(flwr_home)
+    port = port or free_port()
+    env = _env(home, port)
+    t0 = time.monotonic()
+    superlink = start_superlink(home, port, env)
+    streamer = None
+    run_id = None
+    try:
+        args = ["run", str(app_dir), "--format", "json",
+                "--federation-config",
+                f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(client_cpus)} "
+                f"client-resources-num-gpus={float(client_gpus)}"]
+        if run_config:
+            args += ["--run-config", format_overrides(run_config)]
+        proc = _flwr(args, env, app_dir.parent)
+        try:
+            run_id = str(json.loads(proc.stdout)["run-id"])
+        except (ValueError, KeyError, TypeError):
+            raise FederationError(f"flwr run did not start a run: {(proc.stdout + proc.stderr).strip()[-2000:]}") from None
+        startup_s = time.monotonic() - t0
+        if echo is not None:
+            streamer = subprocess.Popen([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
+                                        stdout=echo, stderr=subprocess.STDOUT, start_new_session=True)
+        status = "timeout"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = run_status(run_id, env, app_dir.parent)
+            if current.startswith("finished"):
+                status = current
+                break
+            time.sleep(1.0)
+        log = _flwr(["log", run_id, "--show"], env, app_dir.parent).stdout
+        if out_dir is None:
+            found = re.search(r"; output (\S+)", log)
+            out_dir = Path(found.group(1)) if found else None
+        return FederationResult(status, run_id, out_dir, log, time.monotonic() - t0, startup_s)
+    finally:
+        if streamer is not None:
+            time.sleep(1.0)  # let the stream print the last lines
+            stop_process_tree(streamer, grace=2.0)
+        stop_process_tree(superlink)
+        if own_home:
+            shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""The ClientApp's train/evaluate functions called directly with hand-built messages, the run
+config's validation, site resolution, strategy selection and checkpoint/resume of the server
+loop (through an in-process grid; no Ray). The real Flower simulation is tests/test_simulation.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum
+
+import client.app as client_app
+from client.data import resolve_site
+from client.site import new_model
+from flower_shim import InProcessGrid, make_context, make_message, server_task_identity
+from server.config import ConfigError, load_run_config
+from server.loop import run_server
+from server.strategies import build_strategy
+from shared.training import load_checkpoint, load_model
+
+# Small, fast runs: tiny model, few synthetic records per site.
+BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 40, "batch-size": 16,
+        "device": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """Synthetic caches for this module, outside the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("fed-ecg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FED_ECG_CACHE", str(root))
+        yield root
+
+
+def _global_arrays(run_config) -> ArrayRecord:
+    torch.manual_seed(0)
+    return ArrayRecord(new_model(load_run_config(run_config)).state_dict())
+
+
+def _train(run_config, *, partition=0, context=None, config=None, arrays=None):
+    context = context or make_context({"partition-id": partition, "num-partitions": 4}, run_config)
+    content = RecordDict({
+        "arrays": arrays or _global_arrays(run_config),
+        "config": ConfigRecord({"server-round": 1, **(config or {})}),
+    })
+    return client_app.train(make_message(content, "train"), context), context
+
+
+# ---------------------------------------------------------------------------------- run config
+@pytest.mark.parametrize("override, key", [
+    ({"lr": -0.1}, "lr"),
+    ({"strategy": "fedfoo"}, "strategy"),
+    ({"model": "resnet"}, "model"),
+    ({"preset": "huge"}, "preset"),
+    ({"num-server-rounds": 0}, "num-server-rounds"),
+    ({"sites": "ptb,nowhere"}, "sites"),
+    ({"dp-delta": 1.5}, "dp-delta"),
+    ({"learning-rate": 0.1}, "learning-rate"),
+    ({"resume": True}, "resume"),
+])
+def test_bad_run_config_is_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_run_config({**BASE, **override})
+
+
+def test_default_app_config_validates_and_names_four_sites():
+    import tomllib
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parents[1] / "simulations" / "four_sites" / "pyproject.toml"
+    data = tomllib.loads(app.read_text())
+    cfg = load_run_config(data["tool"]["flwr"]["app"]["config"])
+    assert cfg.site_list == ["ptb", "ptbxl", "mimic", "cinc"] and cfg.min_nodes == 4
+    assert data["project"]["name"] == "four-sites" and "dependencies" not in data["project"]
+    assert data["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert "federations" not in data["tool"]["flwr"]
+
+
+def test_site_comes_from_node_config_in_deployment_and_partition_in_simulation():
+    cfg = load_run_config({**BASE, "cache-ptb": "/data/ptb"})
+    assert resolve_site({"site": "mimic", "data": "/srv/mimic-cache"}, cfg) == ("mimic", "/srv/mimic-cache")
+    assert resolve_site({"partition-id": 0, "num-partitions": 4}, cfg) == ("ptb", "/data/ptb")
+    assert resolve_site({"partition-id": 3, "num-partitions": 4}, cfg) == ("cinc", "")
+    with pytest.raises(ConfigError, match="partition-id 4"):
+        resolve_site({"partition-id": 4, "num-partitions": 5}, cfg)
+    with pytest.raises(ConfigError, match="not one of"):
+        resolve_site({"site": "boston"}, cfg)
+
+
+# ---------------------------------------------------------------------------------- strategies
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
+                                       ("fedyogi", FedYogi), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum)])
+def test_each_strategy_is_selectable_from_the_run_config(name, cls):
+    strategy = build_strategy(load_run_config({**BASE, "strategy": name, "proximal-mu": 0.3, "server-lr": 0.05}))
+    assert isinstance(strategy, cls) and strategy.min_available_nodes == 4
+    assert strategy.weighted_by_key == "num-examples"
+    if name == "fedprox":
+        assert strategy.proximal_mu == 0.3
+    if name in ("fedadam", "fedyogi"):
+        assert strategy.eta == 0.05
+
+
+# ---------------------------------------------------------------------------------- train / evaluate
+def test_train_reply_carries_trained_weights_and_example_count():
+    reply, _ = _train(BASE, partition=1)
+    content = reply.content
+    assert content["site"]["site"] == "ptbxl"
+    metrics = content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["steps"] > 0 and metrics["dp-budget-exhausted"] == 0
+    assert metrics["epsilon"] == -1.0  # DP off
+    sent = _global_arrays(BASE).to_torch_state_dict()
+    got = content["arrays"].to_torch_state_dict()
+    assert list(got) == list(sent)
+    assert any(not torch.equal(got[k], sent[k]) for k in sent if sent[k].is_floating_point())
+
+
+def test_proximal_mu_from_the_message_changes_the_update():
+    plain, _ = _train(BASE, config={"proximal-mu": 0.0})
+    prox, _ = _train(BASE, config={"proximal-mu": 5.0})
+    again, _ = _train(BASE, config={"proximal-mu": 0.0})
+    a = plain.content["arrays"].to_torch_state_dict()
+    b = prox.content["arrays"].to_torch_state_dict()
+    c = again.content["arrays"].to_torch_state_dict()
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert all(torch.equal(a[k], c[k]) for k in floats)  # same seed, same update
+    assert any(not torch.allclose(a[k], b[k]) for k in floats)
+
+
+def test_dp_epsilon_is_cumulative_across_rounds_and_budget_stops_the_site():
+    from opacus.accountants import RDPAccountant
+
+    run_config = {**BASE, "dp": True, "dp-noise-multiplier": 1.1}
+    first, context = _train(run_config)
+    eps1 = first.content["metrics"]["epsilon"]
+    assert eps1 > 0 and first.content["metrics"]["delta"] == pytest.approx(1e-5)
+    assert "dp-state" in context.state
+    second, context = _train(run_config, context=context, config={"server-round": 2})
+    eps2 = second.content["metrics"]["epsilon"]
+    assert eps2 > eps1
+    state = dict(context.state["dp-state"])
+    accountant = RDPAccountant()
+    accountant.history = list(zip(state["noise_multipliers"], state["sample_rates"], state["steps"]))
+    assert eps2 == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
+
+    budget = {**run_config, "dp-epsilon-budget": eps2 * 1.01}
+    context = make_context({"partition-id": 0, "num-partitions": 4}, budget)
+    context.state["dp-state"] = ConfigRecord(state)
+    stopped, _ = _train(budget, context=context, config={"server-round": 3})
+    m = stopped.content["metrics"]
+    assert m["dp-budget-exhausted"] == 1 and m["num-examples"] == 0 and m["steps"] == 0
+    assert stopped.content["site"]["skipped-reason"]
+
+
+def test_evaluate_reply_reports_site_auroc_and_synthetic_flag():
+    context = make_context({"partition-id": 2, "num-partitions": 4}, BASE)
+    content = RecordDict({"arrays": _global_arrays(BASE), "config": ConfigRecord({"server-round": 1})})
+    reply = client_app.evaluate(make_message(content, "evaluate"), context)
+    m = reply.content["metrics"]
+    assert reply.content["site"]["site"] == "mimic"
+    assert m["num-examples"] > 0 and m["synthetic"] == 1 and math.isfinite(m["loss"])
+    assert len(m["auroc-per-class"]) == 5
+
+
+# ---------------------------------------------------------------------------------- server loop
+def _serve(run_config, n_nodes):
+    cfg = load_run_config(run_config)
+    with server_task_identity():
+        return run_server(InProcessGrid(run_config, n_nodes), cfg, echo=lambda line: None)
+
+
+def test_resume_after_round_1_gives_the_same_round_2_weights(tmp_path):
+    """FedAdam (server optimiser state in the checkpoint) over two sites, fixed seed."""
+    run = {**BASE, "sites": "ptb,cinc", "strategy": "fedadam", "site-local": False, "seed": 3,
+           "server-eval": "on"}
+    straight = _serve({**run, "num-server-rounds": 2, "out-dir": str(tmp_path / "straight")}, 2)
+    _serve({**run, "num-server-rounds": 1, "out-dir": str(tmp_path / "resumed")}, 2)
+    first = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert first["round"] == 1 and first["strategy_state"]["m_t"]
+    resumed = _serve({**run, "num-server-rounds": 2, "resume": True, "out-dir": str(tmp_path / "resumed")}, 2)
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    assert a["round"] == b["round"] == 2
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert not all(torch.equal(v, first["state_dict"][k]) for k, v in a["state_dict"].items())
+    # rounds.csv keeps round 1 from the first run and adds round 2
+    assert resumed.log.value(1, "pooled", "auroc_macro") == straight.log.value(1, "pooled", "auroc_macro")
+    assert resumed.log.value(2, "pooled", "auroc_macro") == straight.log.value(2, "pooled", "auroc_macro")
+    model = load_model(tmp_path / "resumed" / "checkpoint.pt")
+    assert model(torch.zeros(1, 12, 2500)).shape == (1, 5)

@@ -1,0 +1,115 @@
+"""`python -m simulations.compare`: local and pooled rows on identical splits, predictions saved,
+pooled = concatenation, resumable (a finished run is skipped, not retrained), clear errors.
+The federated rows go through simulations.federation.run_federation (tested by the simulation
+tests); here only the run config compare sends is checked against the app's declared keys.
+
+The network is swapped for a tiny Opacus-style CNN (``training_helpers.TinyEcgNet``) so that the
+test stays within its time budget on 2 shared cores; caches, loader, training loop, evaluation,
+results and report are the real ones (the real models are trained in test_training/test_privacy)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.report import OWN_SITE, predictions_path, read_results
+from shared.report.scores import concat_predictions, macro_auroc
+from shared.training import load_predictions
+from simulations import compare
+from training_helpers import TinyEcgNet
+
+SITES = ["ptb", "cinc"]
+OVERRIDES = ["seeds=[0]", "rounds=1", "local_epochs=1", "methods=[local,pooled]", "sites=[ptb,cinc]",
+             "data.synthetic_records=40", "batch_size=32", "bootstrap=10", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    cfg = compare.load_config(None, [*OVERRIDES, f"out_dir={out}"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "build_model", lambda name, preset, *, n_leads, input_samples, n_classes, dp=False:
+                   TinyEcgNet(n_leads=n_leads, n_classes=n_classes))
+        report = compare.run_compare(cfg)
+    return cfg, out, report
+
+
+def _plain(rows):
+    return [{**r, "value": repr(r["value"])} for r in rows]  # NaN-safe comparison
+
+
+def test_local_and_pooled_rows_cover_every_site(compared):
+    _, out, report = compared
+    rows = read_results(out / "results.csv")
+    assert {r["method"] for r in rows} == {"local", "pooled"}
+    assert all(r["synthetic"] for r in rows)
+    macro = [r for r in rows if r["metric"] == "auroc_macro"]
+    local_pairs = {(r["train_sites"], r["test_site"]) for r in macro if r["method"] == "local"}
+    for train in SITES:  # the cross-site matrix: every site's model on every site's test split
+        for test in SITES:
+            assert (train, test) in local_pairs
+            assert predictions_path(out / "predictions", "local", 0, train, test).is_file()
+    assert {(OWN_SITE, c) for c in [*SITES, "pooled", "mean-of-sites"]} <= local_pairs
+    pooled_cols = {r["test_site"] for r in macro if r["method"] == "pooled"}
+    assert pooled_cols == {*SITES, "pooled", "mean-of-sites"}
+    assert {r["train_sites"] for r in macro if r["method"] == "pooled"} == {"ptb+cinc"}
+    assert "(synthetic data)" in report.read_text().splitlines()[0]
+
+
+def test_pooled_column_is_the_concatenation_of_saved_predictions(compared):
+    _, out, _ = compared
+    rows = read_results(out / "results.csv")
+    preds = [load_predictions(predictions_path(out / "predictions", "pooled", 0, "ptb+cinc", s)) for s in SITES]
+    expected = macro_auroc(concat_predictions(preds))
+    got = next(r["value"] for r in rows if r["method"] == "pooled" and r["test_site"] == "pooled"
+               and r["metric"] == "auroc_macro")
+    assert not np.isnan(expected)
+    assert got == pytest.approx(expected)
+    own = [load_predictions(predictions_path(out / "predictions", "local", 0, s, s)) for s in SITES]
+    got_own = next(r["value"] for r in rows if r["method"] == "local" and r["train_sites"] == OWN_SITE
+                   and r["test_site"] == "pooled" and r["metric"] == "auroc_macro")
+    assert got_own == pytest.approx(macro_auroc(concat_predictions(own)), nan_ok=True)
+
+
+def test_rerun_skips_finished_rows_without_training(compared, monkeypatch, capsys):
+    cfg, out, _ = compared
+    before = read_results(out / "results.csv")
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare, "train_local", must_not_train)
+    compare.run_compare(cfg)
+    assert _plain(read_results(out / "results.csv")) == _plain(before)
+    assert capsys.readouterr().out.count("skip ") == 2
+    # A changed hyper-parameter is a different configuration: its rows would be new.
+    caches = compare.prepare_caches(cfg, out)
+    changed = compare.load_config(None, [*OVERRIDES, f"out_dir={out}", "lr=0.01"])
+    assert compare.run_hash(changed, caches) != compare.run_hash(cfg, caches)
+    reseeded = compare.load_config(None, [*OVERRIDES, f"out_dir={out}", "seeds=[5]"])
+    assert compare.run_hash(reseeded, caches) == compare.run_hash(cfg, caches)
+
+
+def test_federated_run_config_uses_only_keys_the_app_declares(compared, tmp_path):
+    cfg, out, _ = compared
+    app = tomllib.loads((Path(compare.__file__).parent / "four_sites" / "pyproject.toml").read_text())
+    declared = set(app["tool"]["flwr"]["app"]["config"])
+    caches = {s: out / "caches" / s for s in SITES}
+    for dp in (False, True):
+        rc = compare.federation_run_config(cfg, caches, "fedprox", 0, dp, tmp_path)
+        assert set(rc) <= declared, set(rc) - declared
+    assert compare.planned_runs(compare.load_config(None, ["methods=[federated,federated+dp]",
+                                                          "strategies=[fedavg,krum]"])) == [
+        ("federated-fedavg", "fedavg", False), ("federated-krum", "krum", False),
+        ("federated-fedavg+dp", "fedavg", True), ("federated-krum+dp", "krum", True)]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert compare.main(["--set", "methods=[centralised]", f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "centralised" in err and "\n" not in err
+    assert compare.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
