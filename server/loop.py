@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from client.data import ensure_cache
 from client.site import new_model
 from server.config import ConfigError, cache_root, site_cache_setting
+from server.guard import FAILURES_CSV
 from server.rounds import CHECKPOINT, ROUNDS_CSV, RoundEnd, RoundLog
 from server.strategies import build_strategy
 from server.summary import final_table, render, write_summary
@@ -106,6 +107,8 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     caches = pooled_caches(cfg, echo)
     strategy = build_strategy(cfg, round_offset=offset)
     strategy.load_optimizer_state(strategy_state)
+    strategy.failures_path = out_dir / FAILURES_CSV
+    strategy.guard.load(strategy.failures_path, up_to_round=offset)
     round_end = RoundEnd(cfg, out_dir, strategy, total_rounds=total, round_offset=offset,
                          pooled_caches=caches, history=history, echo=echo)
     if offset < total:

@@ -7,6 +7,8 @@ replies' ``num-examples``. :func:`build_strategy` subclasses the chosen one to
   per-round line, ``rounds.csv`` and the final table, instead of Flower's weighted mean of
   metrics (a weighted mean of AUROCs is not a pooled AUROC);
 * leave out of the aggregate a site that did not train (``num-examples`` 0: DP budget spent);
+* screen every training reply with :class:`server.guard.ReplyGuard` (errors, NaN/inf, wrong
+  array names or shapes are left out and recorded in ``failures.csv``);
 * number rounds absolutely after a resume (``round_offset``), so clients seed and FedAdam/FedYogi
   bias-correct with the true round;
 * expose and restore the server optimiser state of FedAdam/FedYogi (``m_t``, ``v_t``) for
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum
 from flwr.serverapp.strategy.fedopt import FedOpt
 from omegaconf import DictConfig
+
+from server.guard import ReplyGuard
 
 BASES = {
     "fedavg": FedAvg,
@@ -66,17 +71,28 @@ class SiteTracking:
     def _init_tracking(self) -> None:
         self.last_train: dict[str, dict[str, Any]] = {}
         self.last_eval: dict[str, dict[str, Any]] = {}
+        # server/guard.py: replies unfit for aggregation are dropped and recorded here
+        self.guard = ReplyGuard(weight_key=self.weighted_by_key)
+        self.failures_path: Path | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
+        self.guard.sent(server_round + self.round_offset, arrays, messages)
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        rnd = server_round + self.round_offset
+        replies = self.guard.screen(rnd, replies)
+        for excluded in (e for e in self.guard.exclusions if e.round == rnd):
+            print(f"round {rnd}: site {excluded.site} (node {excluded.node_id}) left out of the "
+                  f"aggregate at {excluded.time_utc}: {excluded.reason}", flush=True)
+        if self.failures_path is not None:
+            self.guard.write(self.failures_path)
         self.last_train = {}
         trained = []
         for msg in replies:

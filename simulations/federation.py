@@ -93,6 +93,22 @@ def _env(flwr_home: Path, port: int) -> dict[str, str]:
     return env
 
 
+def write_connection(flwr_home: Path, port: int) -> Path:
+    """A Flower config whose default connection is our SuperLink's explicit address.
+
+    With the ``:local:`` magic address, ``flwr`` starts a detached SuperLink of its own whenever
+    a 0.4 s health probe fails (easily, on a loaded machine), which nobody would stop; an
+    explicit address is never auto-started.
+    """
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(
+        '[superlink]\ndefault = "fed-ecg"\n\n'
+        f'[superlink.fed-ecg]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    return path
+
+
 def _healthy(port: int) -> bool:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success
@@ -213,6 +229,7 @@ def run_federation(
     home = Path(tempfile.mkdtemp(prefix="fed-ecg-flwr-")) if own_home else Path(flwr_home)
     port = port or free_port()
     env = _env(home, port)
+    write_connection(home, port)
     t0 = time.monotonic()
     superlink = start_superlink(home, port, env)
     streamer = None

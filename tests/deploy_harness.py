@@ -242,7 +242,7 @@ def wait_run(env: dict[str, str], connection: str, run_id: int, timeout: float) 
         status = run_status(env, connection, run_id)
         if status["status"].startswith("finished"):
             return status
-        time.sleep(1.0)
+        time.sleep(3.0)  # each `flwr ls` is a Python start-up: poll gently
     raise AssertionError(f"run {run_id} not finished after {timeout}s: {status}")
 
 
@@ -329,6 +329,17 @@ class Federation:
                     self.connection, "--format", "json")
         assert done.returncode == 0, done.stdout + done.stderr
         return done
+
+    def register_all(self, public_keys: list[Path]) -> None:
+        """Several `flwr supernode register` at once (each CLI call costs seconds of start-up)."""
+        procs = [subprocess.Popen(
+            [str(VENV_BIN / "flwr"), "supernode", "register", str(key), self.connection,
+             "--format", "json"],
+            cwd=REPO_ROOT, env=self.processes.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True) for key in public_keys]
+        for key, proc in zip(public_keys, procs):
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0 and '"success": true' in out, f"{key}: {out}"
 
     def online_nodes(self) -> int:
         done = flwr(self.processes.env, "supernode", "list", self.connection, "--format", "json")

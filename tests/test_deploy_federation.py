@@ -55,14 +55,13 @@ def test_four_registered_sites_complete_two_rounds_over_tls(material, tmp_path):
     fed = Federation(processes, state_dir=tmp_path / "state", certs=certs)
     try:
         fed.start_server(tls=True, node_auth=True)
-        for site in SITES:
-            fed.register(certs / "sites" / f"{site}.key.pub")
+        fed.register_all([certs / "sites" / f"{site}.key.pub" for site in SITES])
         sites = {s: fed.start_site(s, caches[s], key=certs / "sites" / f"{s}.key") for s in SITES}
         fed.wait_online(4, timeout=90)
 
         out_dir = tmp_path / "run"
         run_id = submit_run(processes.env, APP, fed.connection, tiny_run_config(out_dir))
-        status = wait_run(processes.env, fed.connection, run_id, timeout=240)
+        status = wait_run(processes.env, fed.connection, run_id, timeout=480)
         log = run_log(processes.env, fed.connection, run_id)
         assert status["status"] == "finished:completed", (status, log)
 
@@ -71,6 +70,9 @@ def test_four_registered_sites_complete_two_rounds_over_tls(material, tmp_path):
             trained = {r["site"] for r in rows if r["round"] == rnd and r["metric"] == "num_examples"}
             assert trained == set(SITES), (rnd, rows)
         assert (out_dir / "checkpoint.pt").is_file()
+        # no site was left out of any round
+        assert (out_dir / "failures.csv").read_text().splitlines() == [
+            "round,site,node_id,time_utc,reason"]
         from shared.training import load_checkpoint
 
         assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 2

@@ -99,3 +99,13 @@ def test_bad_arguments_are_refused(cache_dir):
         WindowDataset(cache_dir, "holdout")
     with pytest.raises(ValueError, match="normalize"):
         WindowDataset(cache_dir, "train", normalize="minmax")
+
+
+def test_dataset_pickles_by_path_not_by_content(cache_dir):
+    import pickle
+
+    ds = WindowDataset(cache_dir, "val", crop_samples=500)
+    blob = pickle.dumps(ds)
+    assert len(blob) < ds.cache.signals.nbytes / 4  # the float16 windows are not copied
+    again = pickle.loads(blob)
+    assert torch.equal(again[list(range(len(again)))][0], ds[list(range(len(ds)))][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -55,6 +56,8 @@ def test_unknown_model_and_preset_name_the_choices():
         build_model("resnet", "tiny", n_leads=12, input_samples=2500, n_classes=5)
     with pytest.raises(ValueError, match=r"choose one of \['base', 'paper', 'tiny'\]"):
         build_model("hierarchical", "huge", n_leads=12, input_samples=2500, n_classes=5)
+    with pytest.raises(ValueError, match="pass n_leads, input_samples"):
+        build_model("hierarchical", "tiny", n_leads=12, input_samples=2500, n_classes=5, fs=500)
 
 
 def test_state_round_trips_through_numpy_arrays_exactly():
@@ -106,7 +109,7 @@ def test_checkpoint_rebuilds_the_same_model(tmp_path):
 
 
 def test_a_model_added_to_the_registry_is_built_by_the_factory(monkeypatch):
-    def build(*, n_leads, input_samples, n_classes, dp, width):
+    def build(preset, *, n_leads, input_samples, n_classes, dp, width=4):
         model = nn.Sequential(nn.Flatten(), nn.Linear(n_leads * input_samples, n_classes))
         model.site_local_parameter_names = lambda: []
         return model
@@ -122,7 +125,7 @@ def test_summary_cli_prints_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "shared.models", "summary", "--model", "hierarchical", "--preset", "tiny", "--leads", "15",
          "--classes", "3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -157,16 +160,13 @@ def test_cli_rejects_bad_input_with_one_line(capsys):
     assert err.count("\n") == 0 and "too short" in err and "seconds" in err
 
 
-def test_explain_cli_renders_a_png_for_a_real_record(kit_data, tmp_path):
+def test_explain_cli_renders_a_png_for_a_real_record(kit_data, tmp_path, capsys):
     out = tmp_path / "fig.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "shared.models", "explain", "--model", "hierarchical", "--preset", "tiny",
-         "--record", str(kit_data / "cinc" / "georgia" / "E07500"), "--site", "cinc", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
+    rc = cli_main(["explain", "--model", "hierarchical", "--preset", "tiny", "--record",
+                   str(kit_data / "cinc" / "georgia" / "E07500"), "--site", "cinc", "--out", str(out)])
+    assert rc == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    info = json.loads(proc.stdout)
+    info = json.loads(capsys.readouterr().out)
     assert info["trained"] is False and info["method"] == "gated_attention" and len(info["lead_importance"]) == 12
     assert abs(sum(info["lead_importance"].values()) - 1) < 1e-2
 
@@ -177,7 +177,7 @@ def test_explain_with_a_checkpoint_uses_its_class_names(kit_data, tmp_path, caps
     save_checkpoint(ckpt, tiny(), {"classes": ["NORM", "MI", "STTC", "CD", "HYP"]})
     out = tmp_path / "fig.png"
     rc = cli_main(["explain", "--model", "hierarchical", "--preset", "tiny", "--checkpoint", str(ckpt), "--class-index", "1",
-                   "--record", str(kit_data / "ptb-xl" / "records100" / "00000" / "00001_lr"), "--site", "ptbxl",
+                   "--record", str(kit_data / "cinc" / "cpsc_2018" / "A0001"), "--site", "cinc",
                    "--out", str(out)])
     assert rc == 0 and out.is_file()
     info = json.loads(capsys.readouterr().out)

@@ -113,3 +113,37 @@ def test_bad_head_counts_are_rejected_with_the_values_to_change():
             assert "n_heads" in str(exc)
         else:
             raise AssertionError("expected ValueError")
+
+
+def test_fast_dropout_keeps_the_right_share_and_is_seeded():
+    from shared.models.common import Dropout, dropout_keep_mask
+
+    torch.manual_seed(0)
+    keep = dropout_keep_mask((200_000,), 0.1)
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.9) < 0.005
+    drop = Dropout(0.25).train()
+    x = torch.ones(50_000)
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))
+    assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.75])) and abs(a.mean().item() - 1) < 0.02
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_relu_dropout_matches_relu_then_dropout_with_the_same_mask():
+    from shared.models.common import dropout_keep_mask, relu_dropout
+
+    x = torch.randn(6, 5, 40, requires_grad=True)
+    g = torch.randn(6, 5, 40)
+    torch.manual_seed(3)
+    y = relu_dropout(x, 0.3, training=True)
+    y.backward(g)
+    torch.manual_seed(3)
+    keep = dropout_keep_mask(x.shape, 0.3)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.relu(x_ref) * keep / 0.7
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert torch.equal(relu_dropout(x, 0.3, training=False), torch.relu(x))

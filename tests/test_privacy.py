@@ -69,7 +69,7 @@ def test_prv_accountant_is_cumulative_too():
 
 
 def test_budget_stops_the_site_and_says_so():
-    data = ArrayDataset(n=40)
+    data = ArrayDataset(n=24)
     first = train_local(TinyEcgNet(), data, _cfg())
     # Budget between the first round's epsilon and what a second round would reach.
     budget = first.epsilon * 1.05
@@ -117,3 +117,14 @@ def test_invalid_dp_parameters_are_rejected():
         DPConfig(noise_multiplier=0)
     with pytest.raises(ValueError, match="accountant"):
         DPConfig(accountant="gdp-typo")
+
+
+def test_empty_poisson_batches_are_noise_steps_and_are_counted():
+    """Poisson sampling of 2 records at rate 1/2 gives empty batches (p = 1/4 per step): each is
+    still a privatised step, counted by the accountant."""
+    cfg = TrainConfig(epochs=10, batch_size=1, device="cpu", dp=DPConfig(noise_multiplier=SIGMA, delta=DELTA))
+    result = train_local(TinyEcgNet(), ArrayDataset(n=2), cfg)
+    assert result.steps == 20 and result.dp_state["total_steps"] == 20
+    independent = RDPAccountant()
+    independent.history = [(SIGMA, 0.5, 20)]
+    assert result.epsilon == pytest.approx(independent.get_epsilon(delta=DELTA))

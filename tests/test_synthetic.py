@@ -2,9 +2,10 @@
 
 Class features are measured on noise-free records (``noise=False``) from a median beat, with
 simple, documented measurements (``_measure``): QRS duration from the spatial velocity (sum over
-the 12 leads of |dV/dt|) above 10 % of its peak; the isoelectric level 12 ms before QRS onset;
-ST level at J + 40 ms; PR from the onset of the P wave in lead II (10 % of its peak); Q-wave
-duration = the initial run of the QRS at or below the isoelectric level in one lead.
+the 12 leads of |dV/dt|) above 10 % of its peak (gaps under 20 ms bridged); the isoelectric
+level 12 ms before QRS onset; ST level at J + 40 ms; PR from the onset of the P wave in lead II
+(10 % of its peak); Q-wave duration = the initial run of the QRS at or below the isoelectric
+level in one lead; Sokolow-Lyon = S(V1) + max(R(V5), R(V6)) within the QRS.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _measure(rec) -> dict:
     v = np.abs(np.diff(beat, axis=1)).sum(axis=0)
     thr = 0.1 * v[r - int(0.1 * fs): r + int(0.1 * fs)].max()
     on = r
-    while on > r - int(0.2 * fs) and v[on - int(0.008 * fs): on].max() > thr:
+    while on > r - int(0.2 * fs) and v[on - int(0.02 * fs): on].max() > thr:
         on -= 1
     off = r
     while off < r + int(0.2 * fs) and v[off: off + int(0.02 * fs)].max() > thr:
@@ -169,7 +170,8 @@ def test_native_labels_harmonise_to_the_generated_classes(site):
 def test_normal_beat_has_normal_intervals():
     for m in _cases([]):
         assert 0.06 <= m["qrs"] < 0.11 and 0.12 <= m["pr"] <= 0.20
-        assert np.abs(m["st"]).max() < 0.08
+        assert np.abs(m["st"][: LEAD["aVF"] + 1]).max() < 0.1   # limb leads: ST < 0.1 mV
+        assert np.abs(m["st"]).max() < 0.2                     # V2-V3 up to 0.2 mV is normal
         assert m["r"][LEAD["V5"]] > m["r"][LEAD["V1"]]            # R-wave progression
         assert m["t"][LEAD["II"]] > 0 and m["t"][LEAD["V5"]] > 0  # upright T
 
@@ -180,8 +182,8 @@ def test_bundle_branch_block_widens_the_qrs(kind):
         assert m["qrs"] >= 0.12
         if kind == "rbbb":  # terminal R' in V1
             assert m["r"][LEAD["V1"]] > 0.4
-        else:  # broad R in V6, deep QS/rS in V1
-            assert m["s"][LEAD["V1"]] > 2 * m["r"][LEAD["V1"]]
+        else:  # dominant S (QS/rS) in V1, dominant broad R in V6
+            assert m["s"][LEAD["V1"]] > m["r"][LEAD["V1"]] and m["r"][LEAD["V6"]] > m["s"][LEAD["V6"]]
 
 
 def test_first_degree_av_block_prolongs_pr():
@@ -213,8 +215,11 @@ def test_sttc_depresses_st_or_flattens_t():
     lateral = [LEAD[n] for n in ("I", "II", "aVF", "V4", "V5", "V6")]
     for m in _cases([{"cls": "STTC", "kind": "st_depression", "severity": 0.5}]):
         assert (m["st"][lateral] <= -0.05).sum() >= 2
-    flat = [abs(m["t"][LEAD["V5"]]) / m["r"][LEAD["V5"]] for m in _cases([{"cls": "STTC", "kind": "flat_t", "severity": 0.5}])]
-    normal = [abs(m["t"][LEAD["V5"]]) / m["r"][LEAD["V5"]] for m in _cases([])]
+    def t_to_r(m: dict) -> float:
+        return abs(m["t"][LEAD["V5"]]) / m["r"][LEAD["V5"]]
+
+    flat = [t_to_r(m) for m in _cases([{"cls": "STTC", "kind": "flat_t", "severity": 0.5}])]
+    normal = [t_to_r(m) for m in _cases([])]
     assert max(flat) < 0.15 < min(normal)
 
 

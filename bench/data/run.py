@@ -154,12 +154,17 @@ def main(argv=None) -> int:
         consumption[name] = bench_training_step(name)
         print(f"training step {name}/tiny (batch 32, {consumption[name][1]} samples): "
               f"{consumption[name][0]:.0f} windows/s consumed")
-    fastest = max(consumption, key=lambda k: consumption[k][0])
+    if not consumption:
+        print("no model registered in shared.models: loader/consumption ratio not computed")
+    fastest = max(consumption, key=lambda k: consumption[k][0]) if consumption else None
     for name, (consumed, crop) in consumption.items():
         delivered = bench_loader(work / "cache", crop)
         print(f"loader (train, batch 32, crop {crop}): {delivered:.0f} windows/s = "
               f"{delivered / consumed:.0f}x what {name}/tiny consumes"
               + (f" (fastest model; target {LOADER_TARGET_RATIO:.0f}x)" if name == fastest else ""))
+    for crop in sorted({250, 2500} - {c for _, c in consumption.values()}):
+        print(f"loader (train, batch 32, crop {crop}): {bench_loader(work / 'cache', crop):.0f} windows/s "
+              "(no registered tiny model takes this length)")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

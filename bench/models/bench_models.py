@@ -8,10 +8,13 @@ one warm-up step, then the median of ``--steps`` timed steps of
 
 Achieved FLOP/s = per-sample forward FLOPs (FlopCounterMode, see ``python -m shared.models
 summary``) x samples/s, counting a training step as 3x the forward FLOPs (backward ~ 2x
-forward). The machine's fp32 matmul FLOP/s (2048^3, median of 5) is measured in the same run.
+forward). The machine's fp32 matmul FLOP/s (2048^3, median of 5) is measured in the same run. "CPU busy" is the process CPU time
+per training step over (wall time x threads): near 100 % means the run had its cores to itself;
+far below, other processes were sharing them and the wall-clock figures are pessimistic.
 
     python bench/models/bench_models.py --model hierarchical --presets tiny base paper
     python bench/models/bench_models.py --model hierarchical --presets paper --set attention=differential
+    python bench/models/bench_models.py --presets paper --math-attention   # unfused attention
     python bench/models/bench_models.py --device cuda --bf16 ...   # on a GPU: bf16 autocast
 
 Prints one JSON line per configuration, then a Markdown table for docs/performance.md.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -68,17 +72,24 @@ def run_child(spec: dict) -> dict:
     x = torch.randn(spec["batch"], n_leads, samples, device=device)
     y = (torch.rand(spec["batch"], n_classes, device=device) > 0.5).float()
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=spec["bf16"])
+    if spec["math_attention"]:
+        # PyTorch's unfused attention: materialises every [L, L] map, as the released code does.
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def timed(fn) -> float:
+        sdpa_kernel(SDPBackend.MATH).__enter__()
+
+    def timed(fn) -> tuple[float, float]:
+        """Median wall seconds and median process CPU seconds per step."""
         fn()  # warm-up
-        times = []
+        times, cpu = [], []
         for _ in range(spec["steps"]):
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
             times.append(time.perf_counter() - t)
-        return statistics.median(times)
+            cpu.append(time.process_time() - c)
+        return statistics.median(times), statistics.median(cpu)
 
     model.eval()
 
@@ -86,7 +97,7 @@ def run_child(spec: dict) -> dict:
         with torch.no_grad(), autocast:
             model(x)
 
-    t_infer = timed(infer)
+    t_infer, cpu_infer = timed(infer)
     rss_infer = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # GiB (ru_maxrss is KiB)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -98,13 +109,15 @@ def run_child(spec: dict) -> dict:
         loss.backward()
         opt.step()
 
-    t_train = timed(train)
+    t_train, cpu_train = timed(train)
     out = {
         "model": spec["model"], "preset": spec["preset"], "overrides": spec["overrides"], "params": params,
         "input": [n_leads, samples], "batch": spec["batch"], "steps": spec["steps"],
-        "device": device, "bf16": spec["bf16"], "threads": spec["threads"],
+        "device": device, "bf16": spec["bf16"], "threads": spec["threads"], "math_attention": spec["math_attention"],
         "gflop_per_sample": flops / 1e9,
         "train_samples_s": spec["batch"] / t_train, "infer_samples_s": spec["batch"] / t_infer,
+        "cpu_s_per_train_step": cpu_train, "cpu_s_per_infer_step": cpu_infer,
+        "load_avg_1min": os.getloadavg()[0],
         "peak_rss_gib_infer": rss_infer,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
     }
@@ -123,6 +136,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--math-attention", action="store_true",
+                    help="force the unfused (math) attention kernel, for a same-run comparison with the fused one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -142,7 +157,8 @@ def main() -> int:
     rows = []
     for preset in args.presets:
         spec = {"model": args.model, "preset": preset, "overrides": overrides, "batch": args.batch, "steps": args.steps,
-                "threads": args.threads, "device": args.device, "bf16": args.bf16}
+                "threads": args.threads, "device": args.device, "bf16": args.bf16,
+                "math_attention": args.math_attention}
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{args.model}/{preset} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -155,14 +171,17 @@ def main() -> int:
         rows.append(row)
     print()
     print("| model | preset | params | train samples/s | infer samples/s | peak RSS (GiB) | GFLOP/sample (fwd) "
-          "| achieved GFLOP/s train / infer | % of matmul |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| achieved GFLOP/s train / infer | % of matmul | CPU busy (train) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         label = r["preset"] + ("".join(f", {k}={v}" for k, v in r["overrides"].items()))
+        label += ", unfused attention" if r["math_attention"] else ""
         mem = f"{r['peak_rss_gib']:.2f}" + (f" (GPU {r['peak_cuda_gib']:.2f})" if "peak_cuda_gib" in r else "")
         print(f"| {r['model']} | {label} | {r['params']:,} | {r['train_samples_s']:.3g} | {r['infer_samples_s']:.3g} "
               f"| {mem} | {r['gflop_per_sample']:.3g} | {r['train_gflop_s']:.1f} / {r['infer_gflop_s']:.1f} "
-              f"| {100 * r['train_gflop_s'] / peak:.0f} % / {100 * r['infer_gflop_s'] / peak:.0f} % |")
+              f"| {100 * r['train_gflop_s'] / peak:.0f} % / {100 * r['infer_gflop_s'] / peak:.0f} % "
+              f"| {100 * r['cpu_s_per_train_step'] * r['train_samples_s'] / r['batch'] / r['threads']:.0f} % "
+              f"| {r['load_avg_1min']:.1f} |")
     return 0
 
 

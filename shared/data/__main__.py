@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import DataError
@@ -32,7 +33,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--short", choices=("pad", "skip"), default="pad",
                    help="records shorter than one window: zero-pad (default) or skip")
     p.add_argument("--label-space", default="superclass", help="harmonised label space (default superclass)")
-    p.add_argument("--workers", type=int, default=1, help="reader processes (default 1)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes reading and preprocessing records (default: CPU count)")
     p.add_argument("--limit", type=int, default=None, help="only the first N listed records")
     p.add_argument("--records", type=int, default=None, help="synthetic: number of records (default 200)")
     p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
@@ -105,7 +107,7 @@ def cmd_prepare(args) -> int:
 def cmd_inspect(args) -> int:
     from .inspect import inspect_record
 
-    print(json.dumps(inspect_record(args.record, args.site, head=args.head), indent=1))
+    print(json.dumps(inspect_record(args.record, args.site, head=args.head or None), indent=1))
     return 0
 
 
@@ -131,7 +133,8 @@ COMMANDS = {"prepare": cmd_prepare, "inspect": cmd_inspect, "download": cmd_down
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m shared.data",
+                                     description="ECG data layer: prepare a site cache, inspect a record, download a dataset.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prepare(sub)
     _add_inspect(sub)
@@ -142,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except PermissionError as exc:
-        print(f"error: {exc.filename}: permission denied", file=sys.stderr)
+    except OSError as exc:  # disk full, permission denied, ... while writing
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)

@@ -68,6 +68,17 @@ class WindowDataset(Dataset):
         self._rng: np.random.Generator | None = None
         self._rng_owner: int | None = None
 
+    def __getstate__(self) -> dict:
+        """Pickle the cache by path (a memmap would be pickled as a full in-memory copy)."""
+        state = dict(self.__dict__)
+        state["cache"] = str(self.cache.path)
+        state["_rng"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.cache = open_cache(state["cache"])
+
     # ------------------------------------------------------------------ facts
     @property
     def n_leads(self) -> int:

@@ -6,9 +6,10 @@ Top to bottom:
 2. Each record gets its split from its split key (:mod:`shared.data.splits`).
 3. Worker processes read + preprocess records (:mod:`shared.data.preprocess`) and harmonise
    their labels; a bad record becomes a skip entry, never an exception that stops the run.
-4. The parent collects results in listing order, ``chunk_records`` at a time, and writes each
-   chunk as a shard in ``<out>.tmp-<config hash>/shards/``. An interrupted run finds the shards
-   already written and continues after them (resumable).
+4. Records are processed ``chunk_records`` at a time (listing order); each chunk becomes one
+   shard in ``<out>.tmp-<config hash>/shards/``, written by the worker that processed it (tmp +
+   rename, its ``.json`` last). An interrupted run finds the shards already written and
+   processes only the missing chunks (resumable).
 5. When every chunk is done the shards are assembled into the cache files in
    ``<out>.tmp-<hash>/cache/``, which is renamed to ``<out>`` only when complete (atomic).
 
@@ -46,7 +47,9 @@ from .splits import SPLITS, assign_split, check_disjoint, split_method
 DATASETS: dict[str, str] = {
     "ptb": "ptbdb", "ptbxl": "ptb-xl", "mimic": "mimic-iv-ecg", "cinc": "challenge-2021",
 }
-DEFAULT_CHUNK_RECORDS = 256
+DEFAULT_CHUNK_RECORDS = 64
+#: Bump when a code change alters the cache content for the same config (invalidates old caches).
+BUILDER_VERSION = 1
 
 
 class Labeler(Protocol):
@@ -94,7 +97,7 @@ class LabelSpaceLabeler:
 class PrepareResult:
     out: Path
     manifest: dict[str, Any]
-    status: str  # "built" or "up_to_date"
+    status: str  # "built", "up_to_date" or "interrupted" (``stop_after_chunks``; ``out`` is the tmp dir)
     n_processed: int = 0  # records read in this run (0 when up to date or fully resumed)
     skips: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -152,7 +155,9 @@ def config_of(
     return {
         "format_version": C.FORMAT_VERSION,
         "site": reader.site,
-        "dataset": getattr(reader, "dataset", DATASETS.get(reader.site, reader.site)),
+        "builder_version": BUILDER_VERSION,
+        "dataset": f"synthetic {reader.site}-like" if synthetic
+        else getattr(reader, "dataset", DATASETS.get(reader.site, reader.site)),
         "dataset_version": str(getattr(reader, "dataset_version", "unknown")),
         "synthetic": synthetic,
         "synthetic_records": getattr(reader, "n_records", None) if synthetic else None,
@@ -215,20 +220,17 @@ def prepare_cache(
 
     bar = tqdm(total=len(refs), initial=n_done, unit="rec", desc=f"prepare {reader.site}",
                disable=not progress, dynamic_ncols=True)
-    results = _run_records(reader, labeler, preprocess, [r for k in pending for r in chunks[k]], workers)
+    tasks = [(k, chunks[k], str(shards)) for k in pending]
+    done = _run_chunks(reader, labeler, preprocess, tasks, workers)
     n_processed = 0
     try:
-        for written, k in enumerate(pending, 1):
-            chunk_results = []
-            for _ in chunks[k]:
-                chunk_results.append(next(results))
-                bar.update(1)
-            n_processed += len(chunk_results)
-            _write_shard(shards, k, chunk_results)
-            if stop_after_chunks is not None and written >= stop_after_chunks and k != pending[-1]:
+        for written, (_k, n) in enumerate(done, 1):
+            bar.update(n)
+            n_processed += n
+            if stop_after_chunks is not None and written >= stop_after_chunks and written < len(tasks):
                 return PrepareResult(tmp, {}, "interrupted", n_processed)
     finally:
-        results.close()  # stops the worker pool, also on an exception or Ctrl-C
+        done.close()  # stops the worker pool, also on an exception or Ctrl-C
         bar.close()
 
     split_keys = [split_key_of(reader, ref) for ref in refs]
@@ -254,8 +256,11 @@ def _start_or_resume(tmp: Path, refs: list[RecordRef], chunk_records: int) -> No
     plan_file = tmp / "plan.json"
     if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
         shutil.rmtree(tmp)  # the dataset changed since the interrupted run: start over
-    (tmp / "shards").mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))
+    try:
+        (tmp / "shards").mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))
+    except OSError as exc:
+        raise CacheError(f"{tmp}: cannot create the temporary cache directory ({exc.strerror or exc})") from exc
 
 
 # --------------------------------------------------------------------------- workers
@@ -287,17 +292,25 @@ def _process(ref: RecordRef) -> dict[str, Any]:
                 "detail": f"{type(exc).__name__}: {exc}"}
 
 
-def _run_records(reader, labeler, preprocess, refs: list[RecordRef], workers: int) -> Iterator[dict]:
-    """Results for ``refs`` in order, from ``workers`` processes (1: in this process)."""
-    if workers <= 1 or len(refs) < 2:
+def _process_chunk(task: tuple[int, list[RecordRef], str]) -> tuple[int, int]:
+    """Read + preprocess one chunk of records and write its shard (in a worker)."""
+    k, refs, shards = task
+    _write_shard(Path(shards), k, [_process(ref) for ref in refs])
+    return k, len(refs)
+
+
+def _run_chunks(reader, labeler, preprocess, tasks: list, workers: int) -> Iterator[tuple[int, int]]:
+    """Process chunks in ``workers`` processes (1: in this process); yields ``(chunk, n_records)``
+    as each shard is written. Shards are named by chunk, so completion order does not matter."""
+    if workers <= 1 or len(tasks) < 2:
         _init_worker(reader, labeler, preprocess)
-        for ref in refs:
-            yield _process(ref)
+        for task in tasks:
+            yield _process_chunk(task)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     with ctx.Pool(workers, initializer=_init_worker, initargs=(reader, labeler, preprocess)) as pool:
-        yield from pool.imap(_process, refs, chunksize=8)
+        yield from pool.imap_unordered(_process_chunk, tasks)
 
 
 # --------------------------------------------------------------------------- shards
@@ -327,11 +340,13 @@ def _write_shard(shards: Path, k: int, results: list[dict]) -> None:
 
 
 def _assemble(dest, shards, n_chunks, refs, split_keys, reader, labeler, preprocess, config, chash, source):
+    """Write the cache files into ``dest`` from the shards; returns ``(manifest, skips)``."""
     site = reader.site
     lead_names = lead_names_for(site, preprocess.leads)
     metas = [json.loads((shards / f"shard-{k:06d}.json").read_text()) for k in range(n_chunks)]
     flat = [m for meta in metas for m in meta]
-    assert len(flat) == len(refs)
+    if len(flat) != len(refs):
+        raise CacheError(f"{shards}: shards hold {len(flat)} records, the listing {len(refs)}; delete it and re-run")
     kept = [i for i, m in enumerate(flat) if m["ok"]]
     skips = [(m["path"], m["reason"], m["detail"]) for m in flat if not m["ok"]]
     if not kept:
@@ -341,31 +356,11 @@ def _assemble(dest, shards, n_chunks, refs, split_keys, reader, labeler, preproc
             f"(skipped: {dict(sorted(reasons.items()))}); first: {skips[0][0]}: {skips[0][1]} {skips[0][2]}"
         )
 
-    window_counts: list[int] = []
-    label_rows: list[np.ndarray] = []
-    mask_rows: list[np.ndarray] = []
-    for k in range(n_chunks):
-        with np.load(shards / f"shard-{k:06d}.npz", allow_pickle=False) as z:
-            window_counts.extend(int(n) for n in z["n_windows"])
-            if len(z["n_windows"]):
-                label_rows.append(z["labels"])
-                mask_rows.append(z["mask"])
-    shape = (sum(window_counts), len(lead_names), preprocess.window_samples)
-    signals = np.lib.format.open_memmap(dest / C.SIGNALS, mode="w+", dtype=np.float16, shape=shape)
-    pos = 0
-    for k in range(n_chunks):
-        with np.load(shards / f"shard-{k:06d}.npz", allow_pickle=False) as z:
-            part = z["signals"]
-        if part.size:
-            signals[pos : pos + len(part)] = part
-            pos += len(part)
-    assert pos == shape[0]
-    signals.flush()
-    del signals
+    window_counts, labels, label_mask = _read_shard_tables(shards, n_chunks)
+    _copy_signals(dest / C.SIGNALS, shards, n_chunks,
+                  (sum(window_counts), len(lead_names), preprocess.window_samples))
 
     available = labeler.available(site).astype(bool)
-    label_mask = (np.concatenate(mask_rows) > 0).astype(np.uint8)
-    labels = ((np.concatenate(label_rows) > 0) & (label_mask > 0)).astype(np.uint8)
 
     rows = []
     record_splits: dict[str, str] = {}
@@ -394,16 +389,7 @@ def _assemble(dest, shards, n_chunks, refs, split_keys, reader, labeler, preproc
               **{s: [r[1] for r in rows if r[3] == s] for s in SPLITS}}
     _atomic_write_text(dest / C.SPLITS_FILE, json.dumps(splits, indent=1) + "\n")
 
-    counts = {}
-    split_arr = np.array([r[3] for r in rows])
-    for s in SPLITS:
-        sel = split_arr == s
-        counts[s] = {
-            "records": int(sel.sum()),
-            "windows": int(sum(r[5] for r, keep in zip(rows, sel) if keep)),
-            "patients": len({r[2] or r[1] for r, keep in zip(rows, sel) if keep}),
-            "positives": {c: int(labels[sel, j].sum()) for j, c in enumerate(labeler.classes)},
-        }
+    counts = _split_counts(rows, labels, labeler.classes)
     manifest = {
         "format_version": C.FORMAT_VERSION,
         "site": site,
@@ -427,6 +413,52 @@ def _assemble(dest, shards, n_chunks, refs, split_keys, reader, labeler, preproc
     _atomic_write_text(dest / C.MANIFEST, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     C.validate_cache(dest)
     return manifest, skips
+
+
+def _read_shard_tables(shards: Path, n_chunks: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Windows per kept record, labels and label mask (labels 0 wherever the mask is 0)."""
+    window_counts: list[int] = []
+    label_rows, mask_rows = [], []
+    for k in range(n_chunks):
+        with np.load(shards / f"shard-{k:06d}.npz", allow_pickle=False) as z:
+            window_counts.extend(int(n) for n in z["n_windows"])
+            if len(z["n_windows"]):
+                label_rows.append(z["labels"])
+                mask_rows.append(z["mask"])
+    mask = (np.concatenate(mask_rows) > 0).astype(np.uint8)
+    labels = ((np.concatenate(label_rows) > 0) & (mask > 0)).astype(np.uint8)
+    return window_counts, labels, mask
+
+
+def _copy_signals(path: Path, shards: Path, n_chunks: int, shape: tuple[int, int, int]) -> None:
+    """Concatenate the shards' windows into one float16 ``.npy`` written through a memmap."""
+    signals = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    pos = 0
+    for k in range(n_chunks):
+        with np.load(shards / f"shard-{k:06d}.npz", allow_pickle=False) as z:
+            part = z["signals"]
+        if part.size:
+            signals[pos : pos + len(part)] = part
+            pos += len(part)
+    if pos != shape[0]:
+        raise CacheError(f"{shards}: shards hold {pos} windows, their tables {shape[0]}; delete it and re-run")
+    signals.flush()
+    del signals
+
+
+def _split_counts(rows: list[list], labels: np.ndarray, classes: Sequence[str]) -> dict[str, dict]:
+    """``counts`` of the manifest: records, windows, patients and positives per split."""
+    counts = {}
+    for split in SPLITS:
+        sel = np.array([r[3] == split for r in rows], dtype=bool)
+        chosen = [r for r, keep in zip(rows, sel) if keep]
+        counts[split] = {
+            "records": len(chosen),
+            "windows": int(sum(r[5] for r in chosen)),
+            "patients": len({r[2] or r[1] for r in chosen}),
+            "positives": {c: int(labels[sel, j].sum()) for j, c in enumerate(classes)},
+        }
+    return counts
 
 
 def _swap_into_place(assembled: Path, out: Path, chash: str) -> None:

@@ -100,33 +100,10 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def read_record(site: str, path: str):
-    """One record as an ``EcgRecord`` via the site readers (``read_record_path``).
+    """One record as an ``EcgRecord``, read by the site's reader (``read_record_path``)."""
+    from shared.data.readers import read_record_path
 
-    Until ``shared.data.readers.read_record_path`` exists, a plain WFDB read (``wfdb.rdrecord``,
-    leads matched by name, units converted to mV) stands in: it knows none of the site quirks.
-    """
-    try:
-        from shared.data.readers import read_record_path  # type: ignore[attr-defined]
-    except ImportError:
-        read_record_path = None
-    if read_record_path is not None:
-        return read_record_path(site, path)
-
-    import wfdb
-
-    from shared.data.errors import RecordError
-    from shared.data.readers.common import normalise_lead_name, reorder_leads, to_millivolts
-    from shared.data.record import PTB_LEADS, STANDARD_LEADS, EcgRecord
-
-    if not Path(path + ".hea").is_file():
-        raise RecordError(path, "missing_header", f"{path}.hea does not exist (give the record path without extension)")
-    rec = wfdb.rdrecord(path)
-    names = tuple(normalise_lead_name(n) for n in rec.sig_name)
-    wanted = PTB_LEADS if all(n in names for n in PTB_LEADS) else STANDARD_LEADS
-    signal = to_millivolts(rec.p_signal.T.astype(np.float32), tuple(rec.units), path)
-    signal = reorder_leads(signal, names, wanted, path)
-    return EcgRecord(site=site, record_id=Path(path).name, patient_id=None, signal=signal, fs=float(rec.fs),
-                     lead_names=wanted, native_labels=(), source=path)
+    return read_record_path(site, path)
 
 
 def record_windows(record, n_leads: int, fs: float, input_samples: int) -> np.ndarray:

@@ -44,8 +44,8 @@ PATCH_LENGTHS_PTB = [2, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32]
 #: One of these is drawn per granularity per training forward pass.
 PAPER_AUGMENTATIONS = ["jitter0.2", "scale0.2", "drop0.5", "none"]
 
-#: ``explain`` methods: router attention x patch-embedding lead shares, or gradient x input.
-EXPLAIN_METHODS = ("router_attention", "grad_x_input")
+#: ``explain`` methods: router attention x patch-embedding lead shares, or input x gradient.
+EXPLAIN_METHODS = ("router_attention", "input_x_gradient")
 
 #: Architecture options a preset sets and ``build`` overrides accept.
 ARCHITECTURE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "patch_lengths", "augmentations")
@@ -58,20 +58,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # -> 8,702,597 parameters. The PTB configuration is this preset with n_leads=15,
     # input_samples=300, n_classes=2 and patch_lengths=PATCH_LENGTHS_PTB (6,894,338).
     "paper": {
-        "fs": 250, "seconds": 1.0, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
+        "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
         "recompute_layers": True,
     },
     # The paper architecture on 2 s crops of the project's 250 Hz cache (5 crops per 10 s
     # window at evaluation): more rhythm context per prediction, sized for one modern GPU.
     "base": {
-        "fs": 250, "seconds": 2.0, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
+        "fs": 250, "seconds": 2.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
         "recompute_layers": True,
     },
     # For CPUs, tests and the embedded demo: 2 layers, d_model 32, four granularities.
     "tiny": {
-        "fs": 250, "seconds": 1.0, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
+        "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
         "dropout": 0.1, "patch_lengths": [4, 8, 16, 32], "augmentations": PAPER_AUGMENTATIONS,
         "recompute_layers": False,
     },
@@ -202,7 +202,7 @@ class Cardioformer(nn.Module):
         interpretation", explains both methods):
 
         - ``lead_importance`` ``[B, 1, n_leads]`` (``router_attention``, class-agnostic) or
-          ``[B, n_classes, n_leads]`` (``grad_x_input``, per class); each row sums to 1.
+          ``[B, n_classes, n_leads]`` (``input_x_gradient``, per class); each row sums to 1.
         - ``router_attention`` ``[n_layers, B, G, G]``: inter-granularity attention among the
           routers (head mean; row i = how router i's query spreads over the G routers), or
           None with a single granularity.
@@ -231,7 +231,9 @@ class Cardioformer(nn.Module):
             if method == "router_attention":
                 importance = torch.einsum("bg,bgc->bc", granularity, share).unsqueeze(1)
             else:
-                importance = self._grad_x_input(x)
+                from shared.models.interpret import input_x_gradient
+
+                importance = input_x_gradient(self, x)["lead_importance"]
             return {
                 "method": method,
                 "lead_importance": importance.cpu(),
@@ -248,16 +250,6 @@ class Cardioformer(nn.Module):
         """Share of each lead in one granularity's patch embeddings ``[B, n_leads]`` (rows sum to 1)."""
         per_lead = self.embedding.lead_tokens(x, granularity).norm(dim=-1).sum(dim=-1)  # [B, C]
         return per_lead / per_lead.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def _grad_x_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-class |gradient x input| summed over time, normalised over leads ``[B, K, n_leads]``."""
-        rows = []
-        for k in range(self.n_classes):
-            xg = x.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self(xg)[:, k].sum(), xg)
-            per_lead = (grad * x).abs().sum(dim=-1)  # [B, C]
-            rows.append(per_lead / per_lead.sum(dim=1, keepdim=True).clamp_min(1e-12))
-        return torch.stack(rows, dim=1).detach()
 
 
 def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: bool = False,

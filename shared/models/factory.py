@@ -60,25 +60,23 @@ def build_model(
 ) -> nn.Module:
     """Build model ``name`` with preset ``preset``'s hyper-parameters, changed by ``overrides``.
 
-    ``dp=True`` gives the Opacus-compatible form (the model's ``dp_defaults``, e.g. GroupNorm
-    instead of BatchNorm). Raises ``ValueError`` for an unknown model, preset or override key, or
-    for a configuration that cannot work (the message names the values to change).
+    ``dp=True`` gives the Opacus-compatible form (e.g. GroupNorm instead of BatchNorm). Raises
+    ``ValueError`` for an unknown model, preset or override key, or for a configuration that
+    cannot work (the message names the values to change).
     """
-    hparams = get_preset(name, preset)
-    unknown = sorted(set(overrides) - set(hparams) | set(overrides) & set(META_KEYS))
-    if unknown:
-        allowed = sorted(set(hparams) - set(META_KEYS))
+    presets = get_preset(name, preset)  # validates name and preset
+    misplaced = sorted(set(overrides) & set(META_KEYS))
+    if misplaced:
         raise ValueError(
-            f"unknown override(s) {unknown} for model {name!r}; "
-            f"n_leads/input_samples/n_classes are arguments, and the hyper-parameters are {allowed}"
+            f"{misplaced} describe the data, not the architecture: pass n_leads, input_samples "
+            "(= fs x seconds) and n_classes as arguments"
         )
-    entry = MODEL_REGISTRY[name]
-    if dp:
-        hparams.update(copy.deepcopy(entry.dp_defaults))
-    hparams.update(copy.deepcopy(overrides))
-    arch = {k: v for k, v in hparams.items() if k not in META_KEYS}
-    model = entry.builder(n_leads=int(n_leads), input_samples=int(input_samples), n_classes=int(n_classes), dp=bool(dp), **arch)
-    model.config = {
+    model = MODEL_REGISTRY[name].builder(
+        preset, n_leads=int(n_leads), input_samples=int(input_samples), n_classes=int(n_classes), dp=bool(dp),
+        **copy.deepcopy(overrides),
+    )
+    config = dict(getattr(model, "config", None) or {})
+    config.update({
         "name": name,
         "preset": preset,
         "n_leads": int(n_leads),
@@ -86,27 +84,21 @@ def build_model(
         "n_classes": int(n_classes),
         "dp": bool(dp),
         "overrides": _jsonable(overrides),
-        "hparams": _jsonable(arch),
-        "fs": hparams["fs"],
-    }
+        "fs": presets["fs"],
+    })
+    model.config = _jsonable(config)
     return model
 
 
 def rebuild_model(config: dict[str, Any]) -> nn.Module:
-    """Build the architecture described by a model's ``config`` dict (e.g. from a checkpoint).
-
-    Uses the stored ``hparams`` (the resolved hyper-parameters) so a checkpoint still rebuilds
-    the same model if a preset's defaults change later.
-    """
+    """Build the architecture described by a model's ``config`` dict (e.g. from a checkpoint)."""
     missing = [k for k in ("name", "preset", "n_leads", "input_samples", "n_classes") if k not in config]
     if missing:
         raise ValueError(f"model config lacks {missing}: it is not a config written by build_model")
-    overrides = dict(config.get("hparams") or config.get("overrides") or {})
-    preset = get_preset(config["name"], config["preset"])
-    overrides = {k: v for k, v in overrides.items() if k in preset and k not in META_KEYS}
     model = build_model(
         config["name"], config["preset"], n_leads=config["n_leads"], input_samples=config["input_samples"],
-        n_classes=config["n_classes"], dp=config.get("dp", False), **overrides,
+        n_classes=config["n_classes"], dp=config.get("dp", False), **dict(config.get("overrides") or {}),
     )
-    model.config["overrides"] = _jsonable(config.get("overrides", {}))
+    if "fs" in config:
+        model.config["fs"] = config["fs"]
     return model

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LearnedToken, SinusoidalPositionalEncoding, TransformerEncoderLayer
+from .common import Dropout, LearnedToken, SinusoidalPositionalEncoding, TransformerEncoderLayer
 
 #: The paper's conv stack (REFERENCES 1.1): kernel, stride and padding of the six layers.
 CONV_KERNELS: tuple[int, ...] = (14, 14, 10, 10, 10, 10)
@@ -135,10 +135,10 @@ class GatedAttentionHead(nn.Module):
 
     def __init__(self, features: int, n_classes: int, dropout: float):
         super().__init__()
-        self.attention_a = nn.Sequential(nn.Linear(features, features), nn.Tanh(), nn.Dropout(dropout))
-        self.attention_b = nn.Sequential(nn.Linear(features, features), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_a = nn.Sequential(nn.Linear(features, features), nn.Tanh(), Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(features, features), nn.Sigmoid(), Dropout(dropout))
         self.attention_c = nn.Linear(features, n_classes)
-        self.rho = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Dropout(dropout))
+        self.rho = nn.Sequential(nn.Linear(features, features), nn.ReLU(), Dropout(dropout))
         self.classifiers = nn.ModuleList(nn.Linear(features, 1) for _ in range(n_classes))
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +155,7 @@ class ClsHead(nn.Module):
     def __init__(self, d_model: int, hidden: int, n_classes: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.fc2 = nn.Linear(hidden, n_classes)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
@@ -323,8 +323,23 @@ def validate(
         raise ValueError("dp=True cannot use norm='batch' (Opacus rejects BatchNorm): use norm='group'")
 
 
-def build(*, n_leads: int, input_samples: int, n_classes: int, dp: bool = False, **hparams: Any) -> HierarchicalTransformer:
-    """Build from preset hyper-parameters (the factory applies :data:`DP_DEFAULTS` when ``dp``)."""
-    hparams = {k: v for k, v in hparams.items() if k not in _META_KEYS}
+def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: bool = False,
+          **overrides: Any) -> HierarchicalTransformer:
+    """Build from ``PRESETS[preset]`` changed by ``overrides``; ``dp`` applies :data:`DP_DEFAULTS`.
+
+    An explicit override wins over the DP defaults (and is then checked: ``dp`` with
+    ``norm='batch'`` is refused).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for model 'hierarchical': choose one of {sorted(PRESETS)}")
+    hparams = {k: v for k, v in PRESETS[preset].items() if k not in _META_KEYS}
+    unknown = sorted(set(overrides) - set(hparams))
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for model 'hierarchical'; the hyper-parameters are {sorted(hparams)}")
+    if dp:
+        hparams.update(DP_DEFAULTS)
+    hparams.update(overrides)
     validate(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, dp=dp, **hparams)
-    return HierarchicalTransformer(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, **hparams)
+    model = HierarchicalTransformer(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, **hparams)
+    model.config = {"hparams": {k: list(v) if isinstance(v, tuple) else v for k, v in hparams.items()}}
+    return model

@@ -1,12 +1,14 @@
-"""The models the factory can build: one line per model.
+"""The models the factory can build: one entry per model.
 
-Each entry is ``name: ModelEntry(builder, presets, dp_defaults)`` where
+Each entry is ``name: ModelEntry(builder, presets)`` where
 
-- ``builder(*, n_leads, input_samples, n_classes, dp, **hparams) -> nn.Module`` builds the model
-  (and raises ``ValueError`` naming the values to change for a configuration that cannot work);
+- ``builder(preset, *, n_leads, input_samples, n_classes, dp=False, **overrides) -> nn.Module``
+  builds the model from ``presets[preset]`` changed by ``overrides`` (``dp=True``: the
+  Opacus-compatible form) and raises ``ValueError`` naming the values to change for an unknown
+  override or a configuration that cannot work. It may set ``model.config`` (a dict); the
+  factory adds the keys every model shares (name, preset, shape, dp, overrides, fs).
 - ``presets`` maps a preset name to its hyper-parameters, including the ``fs`` and ``seconds``
-  it is meant for and its default ``n_leads`` and ``n_classes`` (the builder ignores those four);
-- ``dp_defaults`` are the hyper-parameters the DP form changes (applied before overrides).
+  it is meant for and its default ``n_leads`` and ``n_classes``.
 
 To add a model, import its module and add one entry.
 """
@@ -17,15 +19,15 @@ from typing import Any, Callable, NamedTuple
 
 from torch import nn
 
-from . import hierarchical
+from . import cardioformer, hierarchical
 
 
 class ModelEntry(NamedTuple):
     builder: Callable[..., nn.Module]
     presets: dict[str, dict[str, Any]]
-    dp_defaults: dict[str, Any] = {}
 
 
 MODEL_REGISTRY: dict[str, ModelEntry] = {
-    "hierarchical": ModelEntry(hierarchical.build, hierarchical.PRESETS, hierarchical.DP_DEFAULTS),
+    "hierarchical": ModelEntry(hierarchical.build, hierarchical.PRESETS),
+    "cardioformer": ModelEntry(cardioformer.build, cardioformer.PRESETS),
 }

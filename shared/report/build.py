@@ -103,10 +103,12 @@ class Report:
             "",
             "Record-level macro AUROC of the final model on each site's test split. `pooled` is the "
             "AUROC of all sites' test predictions concatenated (not an average); `mean-of-sites` is "
-            "the mean of the site columns. `local` = each site's own model on its own test split. "
+            "the mean of the site columns (defined ones only). `local` = each site's own model on its own "
+            "test split (its `pooled` concatenates the predictions of the sites' own models). "
             + ("Cells: mean ± standard deviation over seeds (n seeds)." if self._multi_seed() else "")
             + (f" One seed: the interval is a {n_boot}-replicate bootstrap 95 % interval over test records."
-               if not self._multi_seed() else ""),
+               if not self._multi_seed() else "")
+            + " n/a: undefined (no class has both positive and negative records in that test split).",
             "",
             "| method | " + " | ".join(self.columns) + " |",
             "|---|" + "---|" * len(self.columns),
@@ -133,6 +135,8 @@ class Report:
         if not vals:
             return "–"
         v = np.array(list(vals.values()), dtype=float)
+        if np.all(np.isnan(v)):
+            return "n/a"
         if len(v) > 1:
             return f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1):.3f} (n={len(v)})"
         if preds is None:
@@ -185,7 +189,10 @@ class Report:
             for col in self.columns:
                 a, b = self.values(rows, col), self.values(pooled_rows, col)
                 diffs = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))], dtype=float)
-                if diffs.size == 0:
+                diffs = diffs[~np.isnan(diffs)]
+                if diffs.size == 0 and (a or b):
+                    cells.append("n/a")
+                elif diffs.size == 0:
                     cells.append("–")
                 elif diffs.size == 1:
                     cells.append(f"{diffs[0]:+.3f}")

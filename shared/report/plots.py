@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
@@ -34,6 +35,7 @@ def plot_rounds(series: Mapping[str, Mapping[str, list[tuple[int, float]]]], pat
             ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", ms=3, label=site)
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("macro AUROC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

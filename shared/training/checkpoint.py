@@ -101,7 +101,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Mo
 def _tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(value)))
+    return torch.from_numpy(np.array(value, copy=True, order="C"))  # keeps 0-d arrays 0-d
 
 
 def _plain(value: Any) -> Any:
@@ -109,7 +109,7 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
         return value
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+        return torch.from_numpy(np.array(value, copy=True, order="C"))
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -38,7 +38,12 @@ class DPConfig:
 
 @dataclass
 class TrainConfig:
-    """One local training call: ``epochs`` local epochs of AdamW on the site's train split."""
+    """One local training call: ``epochs`` local epochs of AdamW on the site's train split.
+
+    ``grad_clip`` (global-norm clipping) applies without DP only; under DP the per-sample clipping
+    is ``dp.max_grad_norm``. ``bf16`` autocast is used on CUDA devices that support it, never on
+    CPU and never under DP.
+    """
 
     epochs: int = 1
     lr: float = 1e-3
@@ -51,7 +56,6 @@ class TrainConfig:
     bf16: bool = True
     dp: DPConfig | None = None
     num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):

@@ -2,8 +2,8 @@
 
 Records go through the cache's own preprocessing (:func:`shared.data.preprocess.preprocess_record`:
 250 Hz, 0.5-45 Hz band-pass, 10 s windows); from the first window of each record we take a
-median beat (R peaks from the summed absolute slope of the 12 leads) sampled every 20 ms in
-every lead, plus heart rate and RR variability, and fit one L2 logistic regression per class
+median beat (R peaks from the summed absolute slope of the 12 leads) sampled every 28 ms in
+every lead (12 x 25 values), plus heart rate and RR variability, and fit one L2 logistic regression per class
 (scikit-learn) on the records where that class is known (the label mask).
 
 Train and test records come from different seeds of the generator, so they are different
@@ -12,6 +12,8 @@ columns: test site) over the classes known at both ends.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 from scipy.signal import find_peaks
@@ -26,11 +28,11 @@ from ..record import SITES
 from .reader import SyntheticReader
 
 FS = 250.0
-PRE, POST, STEP = 60, 115, 5  # median beat -240..+460 ms at 250 Hz, 20 ms steps
+PRE, POST, STEP = 60, 115, 7  # median beat -240..+460 ms at 250 Hz, in 28 ms steps
 
 
 def beat_features(window: np.ndarray, fs: float = FS) -> np.ndarray:
-    """Features of one preprocessed window ``[12, L]``: median beat (12 x 35) + HR + RR sd."""
+    """Features of one preprocessed window ``[12, L]``: median beat (12 x 25) + HR + RR sd."""
     x = window.astype(np.float64)
     slope = np.abs(np.diff(x, axis=1)).sum(axis=0)
     slope = np.convolve(slope, np.ones(5) / 5, mode="same")
@@ -57,7 +59,8 @@ def site_dataset(site: str, n_records: int, seed: int) -> tuple[np.ndarray, np.n
     feats, ys, ms = [], [], []
     for ref in reader.list_records():
         rec = reader.read(ref)
-        window = preprocess_record(rec, config)[0]
+        first = int(round(config.window_seconds * rec.fs))  # only the first window is used
+        window = preprocess_record(replace(rec, signal=rec.signal[:, :first]), config)[0]
         feats.append(beat_features(window))
         ys.append(harmonise(site, rec.native_labels, space))
         ms.append(record_mask(site, rec.native_labels, space, subsource=rec.meta.get("subsource")))
@@ -89,20 +92,21 @@ class MaskedLogistic:
         return out
 
 
-def macro_auroc(p: np.ndarray, y: np.ndarray, m: np.ndarray, min_per_class: int = 3) -> float:
-    """Mean AUROC over classes with a prediction and both values among known test labels."""
-    scores = []
+def class_auroc(p: np.ndarray, y: np.ndarray, m: np.ndarray, min_per_class: int = 3) -> np.ndarray:
+    """Per-class AUROC over known test labels; NaN where there is no prediction or too few of
+    either value (``min_per_class``)."""
+    out = np.full(y.shape[1], np.nan)
     for k in range(y.shape[1]):
         keep = (m[:, k] == 1) & np.isfinite(p[:, k])
         yk = y[keep, k]
         if keep.any() and min(int(yk.sum()), int((1 - yk).sum())) >= min_per_class:
-            scores.append(roc_auc_score(yk, p[keep, k]))
-    return float(np.mean(scores)) if scores else float("nan")
+            out[k] = roc_auc_score(yk, p[keep, k])
+    return out
 
 
 def cross_site_table(n_train: dict[str, int], n_test: dict[str, int], seed: int = 0,
-                     sites: tuple[str, ...] = SITES) -> dict[str, dict[str, float]]:
-    """Macro AUROC ``table[train][test]`` for each site's local model and the pooled model.
+                     sites: tuple[str, ...] = SITES) -> dict[str, dict[str, np.ndarray]]:
+    """Per-class AUROC ``table[train][test]`` for each site's local model and the pooled model.
 
     Training records use ``seed``, test records ``seed + 1000`` (other synthetic patients).
     """
@@ -112,23 +116,41 @@ def cross_site_table(n_train: dict[str, int], n_test: dict[str, int], seed: int 
     models = {s: MaskedLogistic(k).fit(*train[s]) for s in sites}
     pooled = [np.concatenate([train[s][i] for s in sites]) for i in range(3)]
     models["pooled"] = MaskedLogistic(k).fit(*pooled)
-    return {a: {b: macro_auroc(models[a].predict_proba(test[b][0]), test[b][1], test[b][2]) for b in sites}
+    return {a: {b: class_auroc(models[a].predict_proba(test[b][0]), test[b][1], test[b][2]) for b in sites}
             for a in models}
 
 
-def gap_summary(table: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean in-site, mean cross-site (local models) and mean pooled AUROC."""
+def macro(per_class: np.ndarray) -> float:
+    """Mean over the classes with an AUROC (NaN if none)."""
+    return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+
+
+def gap_summary(table: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    """Mean in-site, cross-site and pooled macro AUROC, compared on the same classes.
+
+    For each pair (trained on a, tested on b != a) the classes are those both a's model and
+    b's own model can score on b's test set; ``in_site`` and ``cross_site`` average b's own
+    model and a's model over those classes, and ``pooled`` the pooled model, over all pairs.
+    """
     sites = [s for s in table if s != "pooled"]
-    in_site = [table[s][s] for s in sites]
-    cross = [table[a][b] for a in sites for b in sites if a != b and np.isfinite(table[a][b])]
-    return {"in_site": float(np.nanmean(in_site)), "cross_site": float(np.mean(cross)),
-            "pooled": float(np.nanmean([table["pooled"][s] for s in sites]))}
+    own, cross, pooled = [], [], []
+    for a in sites:
+        for b in sites:
+            if a == b:
+                continue
+            both = np.isfinite(table[a][b]) & np.isfinite(table[b][b]) & np.isfinite(table["pooled"][b])
+            if both.any():
+                own.append(table[b][b][both].mean())
+                cross.append(table[a][b][both].mean())
+                pooled.append(table["pooled"][b][both].mean())
+    return {"in_site": float(np.mean(own)), "cross_site": float(np.mean(cross)), "pooled": float(np.mean(pooled)),
+            "pairs": len(own)}
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    """The AUROC matrix as a Markdown table (rows: trained on; columns: tested on)."""
+    """The macro AUROC matrix as a Markdown table (rows: trained on; columns: tested on)."""
     cols = [c for c in table["pooled"]]
     lines = ["| trained on \\ tested on | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row, vals in table.items():
-        lines.append(f"| {row} | " + " | ".join(f"{vals[c]:.3f}" for c in cols) + " |")
+        lines.append(f"| {row} | " + " | ".join(f"{macro(vals[c]):.3f}" for c in cols) + " |")
     return "\n".join(lines)

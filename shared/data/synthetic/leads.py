@@ -66,8 +66,9 @@ def lead_matrix(rng: np.random.Generator, placement_sd: float, site_offset: np.n
 
     Real electrodes are never placed exactly where Dower's torso model put them, and torsos
     differ: each record perturbs the precordial lead vectors multiplicatively (``placement_sd``)
-    and each site adds its own systematic offset (``site_offset`` ``[8, 3]``: its technicians'
-    habits and its population's habitus).
+    and each site adds its own systematic offset (``site_offset`` ``[8, 3]``, mostly on the
+    chest leads: its technicians' habits, e.g. V1-V2 placed an intercostal space high, and
+    its population's habitus).
     """
     m = DOWER * (1.0 + site_offset)
     jitter = rng.normal(0.0, placement_sd, size=(6, 3))

@@ -26,6 +26,7 @@ threshold, and below it the mild finding is present but unlabelled (see :mod:`.p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,7 @@ class Beat:
 
 def _unit(v) -> np.ndarray:
     v = np.asarray(v, dtype=float)
-    return v / np.linalg.norm(v)
+    return v / math.sqrt(float(v @ v))
 
 
 def _direction(frontal_deg: float, z: float) -> np.ndarray:
@@ -95,7 +96,7 @@ def normal_beat(rng: np.random.Generator, anatomy: dict, rr: float) -> Beat:
     qt = anatomy["qtc"] * np.sqrt(rr)
     t_end = qrs_onset + qt
     t_peak = t_end - 0.080
-    t_dir = _direction(axis + anatomy["t_axis_offset"], -0.25)
+    t_dir = _direction(0.5 * axis + 22.0 + anatomy["t_axis_offset"], -0.25)  # normal T axis ~+15..+65
     t_vec = t_dir * anatomy["t_mag"] * jit(0.08)
     waves["t_up"] = Wave(t_peak - 0.028, 0.040, 0.5 * t_vec)
     waves["t"] = Wave(t_peak, 0.033, 0.7 * t_vec)
@@ -120,7 +121,7 @@ def sample_anatomy(rng: np.random.Generator, voltage_scale: float, hr_mean: floa
         "pr": float(rng.uniform(0.13, 0.185)),
         "qtc": _clip(rng.normal(0.40, 0.018), 0.36, 0.44),
         "t_mag": float(voltage_scale * rng.uniform(0.28, 0.5)),
-        "t_axis_offset": float(rng.normal(0.0, 12.0)),
+        "t_axis_offset": float(rng.normal(0.0, 10.0)),
         "hr": _clip(rng.normal(hr_mean, hr_sd), 48.0, 115.0),
     }
 

@@ -57,7 +57,7 @@ class SiteProfile:
     subthreshold_rate: float                    # rate of mild, unlabelled findings per class
     unlabelled_rate: dict[str, float] = field(default_factory=dict)  # exclusive sites: comorbidity
     placement_sd: float = 0.06
-    placement_bias_sd: float = 0.08
+    placement_bias_sd: float = 0.15
 
 
 _STD_NOISE = dict(powerline_mv=(0.002, 0.012), emg_mv=(0.004, 0.015), wander_mv=(0.03, 0.12))

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..record import PTB_LEADS, SITES, STANDARD_LEADS, EcgRecord
 from ..readers.base import RecordRef, SiteReader
+from ..errors import RecordError
 from ..labels import availability, get_label_space
 from .leads import lead_matrix
 from .morphology import build_beat, sample_anatomy
@@ -92,6 +93,7 @@ class SyntheticReader(SiteReader):
     """
 
     dataset_version = "synthetic-1"
+    synthetic = True  # the cache builder writes ``synthetic: true`` for this reader
 
     def __init__(self, site: str, n_records: int, seed: int = 0, root: str | Path | None = None, **options: Any):
         if site not in PROFILES:
@@ -108,6 +110,7 @@ class SyntheticReader(SiteReader):
         self.forced_findings = options.get("findings")
         char = np.random.default_rng([_SITE_CHARACTER_SEED, self.site_index])
         self.site_offset = char.normal(0.0, self.profile.placement_bias_sd, size=(8, 3))
+        self.site_offset[:2] *= 0.3  # limb electrodes: placement matters little
 
     # -- SiteReader interface -----------------------------------------------------------------
     def validate_root(self) -> None:
@@ -130,6 +133,8 @@ class SyntheticReader(SiteReader):
 
     def read(self, ref: RecordRef) -> EcgRecord:
         m = ref.meta
+        if not all(k in m for k in ("index", "patient_index", "subsource", "findings")):
+            raise RecordError(ref.path, "not_synthetic", "this reference was not listed by a SyntheticReader")
         i, patient = int(m["index"]), int(m["patient_index"])
         anatomy = self._anatomy(patient)
         rng = np.random.default_rng([self.seed, self.site_index, _STREAM_RECORD, i])
@@ -168,14 +173,17 @@ class SyntheticReader(SiteReader):
         return np.random.default_rng([self.seed, self.site_index, _STREAM_PATIENT, patient])
 
     def _anatomy(self, patient: int) -> dict:
-        sub = self._patient_subsource(patient)
         rng = self._patient_rng(patient)
-        rng.random()  # the first draw picks the subsource (see _patient_subsource)
+        sub = self._pick_subsource(rng.random())  # the patient stream's first draw (see _patient_subsource)
         return sample_anatomy(rng, sub.voltage_scale, *self.profile.hr)
 
     def _patient_subsource(self, patient: int) -> Subsource:
+        return self._pick_subsource(self._patient_rng(patient).random())
+
+    def _pick_subsource(self, u: float) -> Subsource:
         subs = self.profile.subsources
-        u = self._patient_rng(patient).random()
+        if len(subs) == 1:
+            return subs[0]
         weights = np.cumsum([s.weight for s in subs])
         return subs[int(np.searchsorted(weights / weights[-1], u, side="right"))]
 

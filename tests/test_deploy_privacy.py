@@ -1,0 +1,117 @@
+"""Privacy boundary: every message a site sends during a run (train and evaluate replies of a
+round, two sites configured as deployed SuperNodes are: node config ``site`` + ``data``) holds
+only the model's arrays and scalar metrics, plus the site's name. No signal values, record
+ids, patient ids or file paths leave the site.
+
+The ClientApp's functions run in this process behind a grid that records each reply exactly as
+the ServerApp receives it (the same ``RecordDict`` a SuperNode would push)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+import client.app as client_app
+from client.site import new_model
+from deploy_harness import make_caches
+from flower_shim import make_context, make_message, server_task_identity
+from server.config import load_run_config
+from server.loop import run_server
+
+SITES = ("ptb", "ptbxl")
+ALLOWED_CONFIG = {"site": {"site", "skipped-reason"}}
+
+
+class RecordingGrid:
+    """Nodes 201, 202 ... are deployed sites (node config site + data); replies are recorded."""
+
+    def __init__(self, run_config, caches):
+        self.contexts = {
+            201 + i: make_context({"site": site, "data": str(caches[site])}, run_config, 201 + i)
+            for i, site in enumerate(SITES)
+        }
+        self.sent_by_site: dict[str, list[Message]] = {s: [] for s in SITES}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            delivered = make_message(msg.content, msg.metadata.message_type, dst_node_id=node)
+            handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
+            reply = handler(delivered, self.contexts[node])
+            self.sent_by_site[self.contexts[node].node_config["site"]].append(reply)
+            replies.append(reply)
+        return replies
+
+
+def private_strings(cache) -> set[str]:
+    """What must never leave: record ids, patient ids, the cache's own path."""
+    with open(cache / "records.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    values = {r["record_id"] for r in rows} | {r["patient_id"] for r in rows}
+    return {v for v in values if v} | {str(cache), str(cache.resolve())}
+
+
+def test_sites_send_only_model_arrays_and_scalar_metrics(tmp_path_factory, tmp_path):
+    caches = make_caches(tmp_path_factory.getbasetemp() / "deploy-caches", SITES, records=12)
+    run_config = {"model": "hierarchical", "preset": "tiny", "batch-size": 16, "device": "cpu",
+                  "sites": ",".join(SITES), "num-server-rounds": 1, "server-eval": "off",
+                  "out-dir": str(tmp_path / "run")}
+    cfg = load_run_config(run_config)
+    grid = RecordingGrid(run_config, caches)
+    with server_task_identity():
+        run_server(grid, cfg, echo=lambda line: None)
+
+    model_shapes = {k: tuple(v.shape) for k, v in new_model(cfg).state_dict().items()}
+    for site in SITES:
+        replies = grid.sent_by_site[site]
+        kinds = [r.metadata.message_type for r in replies]
+        assert kinds.count("train") == 1 and kinds.count("evaluate") == 1, kinds
+        forbidden = private_strings(caches[site])
+        for reply in replies:
+            assert not reply.has_error()
+            content = reply.content
+            # arrays: only in a train reply, and exactly the model's parameters and buffers
+            if reply.metadata.message_type == "train":
+                assert list(content.array_records) == ["arrays"]
+                arrays = content.array_records["arrays"]
+                assert {k: tuple(a.shape) for k, a in arrays.items()} == model_shapes
+            else:
+                assert not content.array_records
+            # metrics: numbers (or a list of numbers: per-class AUROC), nothing else
+            assert list(content.metric_records) == ["metrics"]
+            for key, value in content.metric_records["metrics"].items():
+                values = value if isinstance(value, list) else [value]
+                assert all(isinstance(v, (int, float)) for v in values), (key, value)
+                assert len(values) <= 16, f"{key}: {len(values)} values is not a scalar metric"
+            # config: the site's own name (and why it skipped a round), nothing else
+            for name, record in content.config_records.items():
+                assert name in ALLOWED_CONFIG and set(record) <= ALLOWED_CONFIG[name], (name, dict(record))
+                for value in record.values():
+                    assert isinstance(value, str) and "/" not in value
+                    assert value in ("", site) or value.startswith("epsilon"), value
+                    assert not any(secret in value for secret in forbidden)
+
+
+def test_recording_grid_would_catch_a_leak(tmp_path_factory, tmp_path):
+    """The checks above can fail: a reply carrying a record id and a signal array is caught."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    caches = make_caches(tmp_path_factory.getbasetemp() / "deploy-caches", SITES, records=12)
+    forbidden = private_strings(caches["ptb"])
+    leaky = RecordDict({
+        "arrays": ArrayRecord({"x": Array(np.zeros((12, 2500), dtype=np.float32))}),
+        "metrics": MetricRecord({"num-examples": 3}),
+        "site": ConfigRecord({"site": "ptb", "record": sorted(forbidden)[0]}),
+    })
+    assert set(leaky.config_records["site"]) - ALLOWED_CONFIG["site"] == {"record"}
+    assert any(s in str(leaky.config_records["site"]["record"]) for s in forbidden)
+    cfg = load_run_config({"model": "hierarchical", "preset": "tiny"})
+    shapes = {k: tuple(v.shape) for k, v in new_model(cfg).state_dict().items()}
+    assert {k: tuple(a.shape) for k, a in leaky.array_records["arrays"].items()} != shapes

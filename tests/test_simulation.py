@@ -1,0 +1,76 @@
+"""The Flower apps in a real four-node simulation (SuperLink, Ray, ServerApp, ClientApps), each
+in an isolated FLWR_HOME on a free port, the SuperLink stopped by PID; success is read from the
+run's status (``flwr ls``), never from ``flwr run``'s exit code."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.federation import DEFAULT_APP_DIR, run_federation
+from shared.training import load_checkpoint
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SITES = ["ptb", "ptbxl", "mimic", "cinc"]
+
+
+@pytest.fixture(scope="module")
+def env_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed-ecg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FED_ECG_CACHE", str(root))
+        yield root
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("model, strategy", [("hierarchical", "fedavg"), ("cardioformer", "fedprox")])
+def test_four_site_simulation_runs_two_rounds(model, strategy, env_cache, tmp_path):
+    out = tmp_path / "out"
+    result = run_federation(
+        DEFAULT_APP_DIR,
+        {"model": model, "strategy": strategy, "num-server-rounds": 2, "synthetic-records": 12,
+         "batch-size": 16, "device": "cpu", "out-dir": str(out)},
+        num_supernodes=4, flwr_home=tmp_path / "flwr-home", timeout=400,
+    )
+    assert result.ok, f"status {result.status}\n{result.log[-4000:]}"
+    rows = _rows(out / "rounds.csv")
+    for rnd in ("1", "2"):
+        trained = {r["site"] for r in rows if r["round"] == rnd and r["metric"] == "num_examples"
+                   and float(r["value"]) > 0}
+        assert trained == set(SITES), (rnd, trained)
+        assert any(r["round"] == rnd and r["site"] == "pooled" for r in rows)
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["round"] == 2 and ckpt["run_config"]["strategy"] == strategy
+    assert ckpt["model_config"]  # rebuildable
+    assert "round 2/2" in result.log and "mean of sites" in result.log and "SYNTHETIC" in result.log
+    assert "SYNTHETIC" in (out / "summary.md").read_text()
+
+
+def test_failed_run_exits_non_zero_from_the_wrapper(env_cache, tmp_path):
+    """Two nodes for four sites: the ServerApp gives up after node-wait-timeout; the run's
+    status is finished:failed, and ``python -m simulations.run`` exits 1 although flwr run exits 0."""
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.run", "--num-supernodes", "2", "--timeout", "240",
+         "-c", f'node-wait-timeout=2.0 out-dir="{tmp_path / "out"}"'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "finished:failed" in proc.stderr
+    assert "only 2 node(s) connected" in proc.stdout
+
+
+def test_bad_config_exits_2_before_starting_anything():
+    proc = subprocess.run([sys.executable, "-m", "simulations.run", "-c", "lr=-1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "lr" in proc.stderr and "Traceback" not in proc.stderr
