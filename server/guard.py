@@ -107,18 +107,23 @@ class ReplyGuard:
         self.site_of_node: dict[int, str] = {}
         self._reference: dict[int, ArrayRecord] = {}
         self._expected: dict[int, set[int]] = {}
+        self._sent: dict[int, list[Message]] = {}
 
     def sent(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> None:
+        """Keep the round's outgoing messages: the Grid stamps their ids when it pushes them."""
         self._reference[server_round] = arrays
-        self._expected[server_round] = {m.metadata.dst_node_id for m in messages}
+        self._sent[server_round] = list(messages)
+        self._expected[server_round] = {m.metadata.dst_node_id for m in self._sent[server_round]}
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies fit for aggregation; every other one is recorded as an exclusion."""
         reference = self._reference.get(server_round)
+        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id
+                           for m in self._sent.get(server_round, []) if m.metadata.message_id}
         kept: list[Message] = []
         answered: set[int] = set()
         for msg in replies:
-            node = int(msg.metadata.src_node_id)
+            node = self._node_of(msg, node_of_message)
             answered.add(node)
             if not msg.has_error():
                 site = _site_name(msg)
@@ -158,6 +163,16 @@ class ReplyGuard:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(buf.getvalue())
         os.replace(tmp, path)
+
+    @staticmethod
+    def _node_of(msg: Message, node_of_message: dict[str, int]) -> int:
+        """The node a reply is about. An error the SuperLink raises on a node's behalf (e.g.
+        'Node Unavailable') comes from the SuperLink itself (node id 1): the node is the
+        destination of the message it answers."""
+        sent_to = node_of_message.get(msg.metadata.reply_to_message_id)
+        if msg.has_error() and sent_to is not None:
+            return int(sent_to)
+        return int(msg.metadata.src_node_id)
 
     def _exclude(self, server_round: int, node: int, reason: str) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -73,19 +73,25 @@ class RoundLog:
 
 
 def data_config(cfg: DictConfig, cache: Path | None) -> dict[str, Any]:
-    """What ``shared.training.predict_record`` needs to preprocess a record like the caches."""
+    """What ``shared.training.predict_record`` needs to preprocess a record like the caches.
+
+    From a cache when the server has one (simulation); otherwise the cache builder's defaults
+    (deployment: the sites' caches are expected to use them).
+    """
+    if cache is not None:
+        from shared.data.loader import WindowDataset
+        from shared.training.predict import data_config_for
+
+        return data_config_for(WindowDataset(cache, "test", crop_samples=input_samples(cfg)))
+    from dataclasses import asdict
+
+    from shared.data.preprocess import PreprocessConfig
     from shared.data.record import STANDARD_LEADS
 
-    conf: dict[str, Any] = {"fs": 250.0, "window_samples": 2500, "crop_samples": input_samples(cfg),
-                            "lead_names": list(STANDARD_LEADS), "classes": ["NORM", "MI", "STTC", "CD", "HYP"],
-                            "normalize": "zscore"}
-    if cache is not None:
-        from shared.data.cache import open_cache
-
-        c = open_cache(cache)
-        conf.update(fs=float(c.fs), window_samples=int(c.window_samples), lead_names=list(c.lead_names),
-                    classes=list(c.classes))
-    return conf
+    pre = PreprocessConfig()
+    return {"preprocess": asdict(pre), "fs": float(pre.fs), "window_samples": int(pre.fs * pre.window_seconds),
+            "crop_samples": input_samples(cfg), "lead_names": list(STANDARD_LEADS),
+            "classes": ["NORM", "MI", "STTC", "CD", "HYP"], "normalize": "zscore"}
 
 
 class RoundEnd:

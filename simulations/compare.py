@@ -50,7 +50,6 @@ from shared.report import (
     score_rows,
 )
 from shared.training import (
-    DPConfig,
     TrainConfig,
     evaluate_model,
     load_model,

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ class FederationResult:
     log: str  # the run's log (ServerApp and ClientApp output)
     wall_s: float
     startup_s: float  # SuperLink start + submission until the run was accepted
+    peak_rss_mb: float = 0.0  # peak summed RSS of the SuperLink's process tree (Ray included)
+    details: str = ""  # Flower's status details (e.g. the exception of a failed run)
 
     @property
     def ok(self) -> bool:
@@ -157,6 +160,33 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def tree_rss_mb(pid: int) -> float:
+    """Summed resident memory of ``pid`` and its descendants (MiB)."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total / 1024.0
+
+
+class _MemorySampler(threading.Thread):
+    def __init__(self, pid: int, every: float = 1.0):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak = pid, every, 0.0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self.stop_event.wait(self.every)
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
@@ -195,13 +225,14 @@ def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120)
     return subprocess.run([_bin("flwr"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-def run_status(run_id: str, env: dict[str, str], cwd: Path) -> str:
+def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
+    """``(status, status-details)`` of a run, from ``flwr ls --run-id ID --format json``."""
     proc = _flwr(["ls", "--run-id", str(run_id), "--format", "json"], env, cwd)
     try:
-        runs = json.loads(proc.stdout)["runs"]
-        return str(runs[0]["status"])
+        run = json.loads(proc.stdout)["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
     except (ValueError, KeyError, IndexError):
-        return f"unknown ({(proc.stdout + proc.stderr).strip()[-300:]})"
+        return f"unknown ({(proc.stdout + proc.stderr).strip()[-300:]})", ""
 
 
 def run_federation(
@@ -232,6 +263,8 @@ def run_federation(
     write_connection(home, port)
     t0 = time.monotonic()
     superlink = start_superlink(home, port, env)
+    sampler = _MemorySampler(superlink.pid)
+    sampler.start()
     streamer = None
     run_id = None
     try:
@@ -250,20 +283,23 @@ def run_federation(
         if echo is not None:
             streamer = subprocess.Popen([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
                                         stdout=echo, stderr=subprocess.STDOUT, start_new_session=True)
-        status = "timeout"
+        status, details = "timeout", f"not finished after {timeout:.0f} s"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            current = run_status(run_id, env, app_dir.parent)
+            current, current_details = run_status(run_id, env, app_dir.parent)
             if current.startswith("finished"):
-                status = current
+                status, details = current, current_details
                 break
             time.sleep(1.0)
         log = _flwr(["log", run_id, "--show"], env, app_dir.parent).stdout
         if out_dir is None:
             found = re.search(r"; output (\S+)", log)
             out_dir = Path(found.group(1)) if found else None
-        return FederationResult(status, run_id, out_dir, log, time.monotonic() - t0, startup_s)
+        sampler.stop_event.set()
+        return FederationResult(status, run_id, out_dir, log, time.monotonic() - t0, startup_s,
+                                sampler.peak, details)
     finally:
+        sampler.stop_event.set()
         if streamer is not None:
             time.sleep(1.0)  # let the stream print the last lines
             stop_process_tree(streamer, grace=2.0)

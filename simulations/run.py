@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     sys.stdout.flush()
     if not result.ok:
-        print(f"error: run {result.run_id} ended with status {result.status}", file=sys.stderr)
+        print(f"error: run {result.run_id} ended with status {result.status}: {result.details}", file=sys.stderr)
         return 1
     print(f"run {result.run_id}: {result.status} in {result.wall_s:.0f} s; outputs in {result.out_dir}")
     return 0

@@ -19,11 +19,11 @@ from flower_shim import InProcessGrid, make_context, make_message, server_task_i
 from server.config import ConfigError, load_run_config
 from server.loop import run_server
 from server.strategies import build_strategy
-from shared.training import load_checkpoint, load_model
+from shared.training import load_checkpoint, load_model, predict_record
 
 # Small, fast runs: tiny model, few synthetic records per site.
 # Partitions 1-3 (ptbxl, mimic, cinc) hold one window per record; ptb's records are longer.
-BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 20, "batch-size": 16,
+BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "batch-size": 16,
         "device": "cpu"}
 
 
@@ -174,7 +174,7 @@ def _serve(run_config, n_nodes):
         return run_server(InProcessGrid(run_config, n_nodes), cfg, echo=lambda line: None)
 
 
-def test_resume_after_round_1_gives_the_same_round_2_weights(tmp_path):
+def test_resume_after_round_1_gives_the_same_round_2_weights(tmp_path, kit_data):
     """FedAdam (server optimiser state in the checkpoint) over two sites, fixed seed."""
     run = {**BASE, "sites": "mimic,cinc", "strategy": "fedadam", "site-local": False, "seed": 3,
            "server-eval": "on"}
@@ -193,5 +193,7 @@ def test_resume_after_round_1_gives_the_same_round_2_weights(tmp_path):
     # rounds.csv keeps round 1 from the first run and adds round 2
     assert resumed.log.value(1, "pooled", "auroc_macro") == straight.log.value(1, "pooled", "auroc_macro")
     assert resumed.log.value(2, "pooled", "auroc_macro") == straight.log.value(2, "pooled", "auroc_macro")
+    # the federation's checkpoint: the documented one-liner, then one real WFDB record
     model = load_model(tmp_path / "resumed" / "checkpoint.pt")
-    assert model(torch.zeros(1, 12, 2500)).shape == (1, 5)
+    probs = predict_record(model, kit_data / "ptbdb" / "patient001" / "s0010_re", "ptb")
+    assert set(probs) == {"NORM", "MI", "STTC", "CD", "HYP"} and all(0 <= p <= 1 for p in probs.values())

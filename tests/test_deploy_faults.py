@@ -105,7 +105,6 @@ def test_bad_run_config_and_unmet_minimum_fail_before_any_node_trains(federation
     # four sites wanted, three connected, 4 s deadline
     configs["unmet minimum"] = run_config(tmp_path / "unmet", ("ptb", "ptbxl", "mimic", "cinc"), 1,
                                           "node-wait-timeout=4.0")
-    t0 = time.monotonic()
     ids = submit_many(env, fed.connection, configs)
     for name, run_id in ids.items():
         status = wait_run(env, fed.connection, run_id, timeout=240)
@@ -116,7 +115,6 @@ def test_bad_run_config_and_unmet_minimum_fail_before_any_node_trains(federation
             assert f"run config: {key} = " in log and "is invalid" in log, (name, log)
         else:
             assert "only 3 node(s) connected after 4 s, the run needs 4" in log, log
-    assert time.monotonic() - t0 < 240  # the deadline ended the wait; nothing hung
     # no node was ever sent a message of these runs
     for site, proc in sites.items():
         for run_id in ids.values():

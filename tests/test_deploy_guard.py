@@ -39,6 +39,14 @@ def reply(to: Message, site: str, arrays: dict[str, np.ndarray], num_examples=10
     return Message(content, reply_to=to)
 
 
+def superlink_error(to: Message, reason: str) -> Message:
+    """An error the SuperLink creates for a node that stopped heartbeating: it comes from the
+    SuperLink (node id 1), not from the node, and answers the message the node never did."""
+    error = Message(Error(code=5, reason=reason), reply_to=to)
+    error.metadata.__dict__["_src_node_id"] = 1  # as stamped by the SuperLink
+    return error
+
+
 def numpy_of(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in arrays.items()}
 
@@ -77,7 +85,7 @@ def test_bad_replies_are_excluded_and_recorded(tmp_path):
             reply(out2[0], "ptb", honest),
             reply(out2[1], "ptbxl", nan),
             reply(out2[2], "mimic", shaped),
-            Message(Error(code=0, reason="node went offline"), reply_to=out2[3]),
+            superlink_error(out2[3], "Node Unavailable"),
         ]
         kept2 = guard.screen(2, replies)
 
@@ -86,7 +94,7 @@ def test_bad_replies_are_excluded_and_recorded(tmp_path):
         assert set(reasons) == {("ptbxl", 12), ("mimic", 13), ("cinc", 14), ("?", 15)}
         assert "NaN/inf" in reasons[("ptbxl", 12)]
         assert "shape (4, 4)" in reasons[("mimic", 13)]
-        assert "node went offline" in reasons[("cinc", 14)]
+        assert "Node Unavailable" in reasons[("cinc", 14)]
         assert "no reply" in reasons[("?", 15)]
         assert guard.excluded_sites(2) == ["ptbxl", "mimic", "cinc", "?"]
 

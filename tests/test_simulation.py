@@ -42,7 +42,7 @@ def test_four_site_simulation_runs_two_rounds(model, strategy, env_cache, tmp_pa
          "batch-size": 16, "device": "cpu", "out-dir": str(out)},
         num_supernodes=4, flwr_home=tmp_path / "flwr-home", timeout=400,
     )
-    assert result.ok, f"status {result.status}\n{result.log[-4000:]}"
+    assert result.ok, f"status {result.status}: {result.details}\n{result.log[-4000:]}"
     rows = _rows(out / "rounds.csv")
     for rnd in ("1", "2"):
         trained = {r["site"] for r in rows if r["round"] == rnd and r["metric"] == "num_examples"

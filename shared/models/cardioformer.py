@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from shared.models.common import Dropout
 from shared.models.cardioformer_blocks import (
     CardioformerLayer,
     CrossChannelPatchEmbedding,
@@ -137,7 +137,7 @@ class Cardioformer(nn.Module):
             CardioformerLayer(self.token_counts, d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)  # the encoder's final norm, over every token
-        self.head_dropout = nn.Dropout(dropout)
+        self.head_dropout = Dropout(dropout)
         self.classifier = nn.Linear(d_model * n_tokens, n_classes)
         self.recompute_layers = bool(recompute_layers)
         self.config: dict[str, Any] = {
@@ -165,10 +165,7 @@ class Cardioformer(nn.Module):
         recompute = self._recompute_now(need_weights)
         router_maps = []
         for layer in self.layers:
-            if recompute:  # keep only the layer input; the same dropout masks are redrawn in backward
-                tokens, weights = checkpoint(layer, tokens, use_reentrant=False)
-            else:
-                tokens, weights = layer(tokens, need_weights=need_weights)
+            tokens, weights = layer(tokens, need_weights=need_weights, recompute=recompute)
             router_maps.append(weights)
         return self.norm(tokens), router_maps
 

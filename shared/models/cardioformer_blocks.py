@@ -30,6 +30,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from shared.models.common import Dropout, dropout_keep_mask
 
 #: Augmentation names the model accepts: ``jitter<sigma>``, ``scale<sigma>``, ``drop<p>`` and
 #: ``none``, as in the released code's ``--augmentations`` option (e.g. ``jitter0.2``).
@@ -61,6 +64,29 @@ def parse_augmentation(spec: str) -> tuple[str, float]:
     )
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Functional form of ``shared.models.common.Dropout`` (``nn.Dropout`` semantics): the mask
+    is drawn by ``dropout_keep_mask`` (about 4x cheaper than ``bernoulli_`` on CPU) and autograd
+    keeps it as one byte per element (``F.dropout`` on CPU keeps a float tensor)."""
+    if not training or p == 0.0:
+        return x
+    return x.mul(dropout_keep_mask(x.shape, p, x.device)).mul_(1.0 / (1.0 - p))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E)) v with dropout on the attention weights, ``[..., n, E]``.
+
+    Without dropout (evaluation) PyTorch's fused kernel runs and never materialises the maps.
+    With dropout no fused CPU kernel exists; the explicit form then keeps, per map element,
+    the softmax output, a one-byte dropout mask and the dropped map (PyTorch's own fallback
+    keeps three float maps).
+    """
+    if dropout_p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v)
+    weights = torch.softmax((q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1), dim=-1)
+    return dropout(weights, dropout_p, True) @ v
+
+
 class EmbeddingAugmentation(nn.Module):
     """One augmentation of patch embeddings ``[B, n, D]``, active only in training mode.
 
@@ -82,7 +108,7 @@ class EmbeddingAugmentation(nn.Module):
         if self.kind == "scale":
             factor = 1.0 + torch.randn(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device) * self.strength
             return x * factor
-        return F.dropout(x, p=self.strength, training=True)
+        return dropout(x, self.strength, True)
 
     def extra_repr(self) -> str:
         return self.spec
@@ -204,8 +230,7 @@ class LinearAttention(nn.Module):
         if need_weights:  # explicit softmax so the map can be returned (explain only)
             weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
             return self.merge(weights @ v), weights.mean(dim=1)  # weights: [B, n, n], head mean
-        p = self.dropout if self.training else 0.0
-        return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p)), None
+        return self.merge(attention(q, k, v, self.dropout if self.training else 0.0)), None
 
 
 class TwoStageAttention(nn.Module):
@@ -239,7 +264,7 @@ class TwoStageAttention(nn.Module):
         for group in self.groups:
             qkv = [self.intra[g].heads(parts[g]) for g in group]  # each [3, B, H, n, E]
             stacked = qkv[0] if len(group) == 1 else torch.cat(qkv, dim=1)
-            attended = F.scaled_dot_product_attention(stacked[0], stacked[1], stacked[2], dropout_p=p)
+            attended = attention(stacked[0], stacked[1], stacked[2], p)
             for g, chunk in zip(group, attended.chunk(len(group), dim=0)):
                 outputs[g] = self.intra[g].merge(chunk)
         if self.inter is None:
@@ -264,7 +289,7 @@ class ResidualPointwiseBlock(nn.Module):
         super().__init__()
         self.expand = nn.Linear(d_model, d_ff)
         self.project = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,12 +305,25 @@ class CardioformerLayer(nn.Module):
     def __init__(self, token_counts: list[int], d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.attention = TwoStageAttention(token_counts, d_model, n_heads, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.blocks = nn.Sequential(*(ResidualPointwiseBlock(d_model, d_ff, dropout) for _ in range(3)))
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False):
+    def attend(self, x: torch.Tensor, need_weights: bool = False):
+        """First half: two-stage attention, residual + LayerNorm."""
         attended, router_weights = self.attention(x, need_weights=need_weights)
-        x = self.norm1(x + self.dropout(attended))
-        return self.norm2(x + self.blocks(x)), router_weights
+        return self.norm1(x + self.dropout(attended)), router_weights
+
+    def pointwise(self, x: torch.Tensor) -> torch.Tensor:
+        """Second half: three residual 1x1-conv blocks, residual + LayerNorm."""
+        return self.norm2(x + self.blocks(x))
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False):
+        """``recompute``: keep only each half's input for backward and rerun the half there
+        (the same dropout masks are redrawn); the function computed is unchanged."""
+        if recompute:
+            x = checkpoint(lambda t: self.attend(t)[0], x, use_reentrant=False)
+            return checkpoint(self.pointwise, x, use_reentrant=False), None
+        x, router_weights = self.attend(x, need_weights=need_weights)
+        return self.pointwise(x), router_weights

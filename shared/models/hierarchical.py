@@ -197,7 +197,7 @@ class HierarchicalTransformer(nn.Module):
 
         self.encoder = DepthwiseConvEncoder(n_leads, conv_channels_per_lead, norm)
         self.cls_token = LearnedToken(self.d_model)
-        self.positions = SinusoidalPositionalEncoding(self.d_model, max(self.stage_tokens), dropout=0.1)
+        self.positions = SinusoidalPositionalEncoding(self.d_model, max(self.stage_tokens), dropout=dropout)
         depth = 0
         stages = []
         for n_layers in layers_per_stage:

@@ -45,7 +45,8 @@ def plot_rounds(series: Mapping[str, Mapping[str, list[tuple[int, float]]]], pat
 
 def plot_heatmap(matrix: np.ndarray, sites: Sequence[str], path: Path, tag: str) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(sites) + 2, 1.0 * len(sites) + 1.5))
-    im = ax.imshow(matrix, vmin=0.5, vmax=1.0, cmap="viridis")
+    low = float(np.nanmin(matrix)) if not np.all(np.isnan(matrix)) else 0.5
+    im = ax.imshow(matrix, vmin=min(0.5, low), vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(sites)), sites)
     ax.set_yticks(range(len(sites)), sites)
     ax.set_xlabel("test site")

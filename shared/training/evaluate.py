@@ -7,6 +7,7 @@ unknown at the site, or with one value in its test set, has AUROC NaN and is lef
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +117,6 @@ def _record_ids(dataset: Dataset, records: np.ndarray) -> np.ndarray:
 
 def save_predictions(path: str | Path, result: EvalResult, classes: list[str]) -> Path:
     """Record-level predictions as ``.npz`` (``record_ids, probs, targets, mask, classes``), atomically."""
-    import os
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
