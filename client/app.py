@@ -22,7 +22,6 @@ cache is synthetic data).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,8 +30,6 @@ from flwr.clientapp import ClientApp
 from client.data import ensure_cache, is_synthetic_cache, resolve_site
 from client.site import evaluate_site, train_site
 from server.config import load_run_config
-
-log = logging.getLogger("fed_ecg.client")
 
 app = ClientApp()
 
@@ -43,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     site, setting = resolve_site(context.node_config, cfg)
     cache = ensure_cache(site, setting, cfg)
     config = msg.content["config"]
-    server_round = int(config["server-round"]) + int(config.get("round-offset", 0))
+    server_round = int(config["server-round"])  # absolute, also after a resume
     dp_state = _dp_state(context)
     outcome = train_site(
         cfg, cache, site, server_round, msg.content["arrays"].to_torch_state_dict(),
@@ -57,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state["site-local"] = ArrayRecord(outcome.site_local)
     exhausted = result.skipped_reason is not None
     if exhausted:
-        log.warning("site %s: %s", site, result.skipped_reason)
+        print(f"site {site}: not training this round: {result.skipped_reason}", flush=True)
     metrics = MetricRecord({
         "num-examples": 0 if exhausted else int(result.num_examples),
         "train-loss": float(result.mean_loss) if result.steps else float("nan"),

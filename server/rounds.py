@@ -194,5 +194,8 @@ class RoundEnd:
             parts.append(f"pooled-test {fmt('pooled', 'auroc_macro')}")
         if self.cfg.dp and rnd > 0:
             parts.append("eps " + " ".join(f"{s} {fmt(s, 'epsilon')}" for s in sites))
+            stopped = [s for s in sites if self.log.value(rnd, s, "dp_budget_exhausted") == 1.0]
+            if stopped:
+                parts.append("stopped, epsilon budget reached: " + " ".join(stopped))
         parts.append(f"{took:.1f} s")
         return " | ".join(parts)

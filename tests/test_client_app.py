@@ -197,3 +197,15 @@ def test_resume_after_round_1_gives_the_same_round_2_weights(tmp_path, kit_data)
     model = load_model(tmp_path / "resumed" / "checkpoint.pt")
     probs = predict_record(model, kit_data / "ptbdb" / "patient001" / "s0010_re", "ptb")
     assert set(probs) == {"NORM", "MI", "STTC", "CD", "HYP"} and all(0 <= p <= 1 for p in probs.values())
+
+
+def test_sites_out_of_epsilon_budget_send_no_update_and_the_run_goes_on(tmp_path):
+    run = {**BASE, "sites": "mimic,cinc", "dp": True, "dp-epsilon-budget": 0.01, "num-server-rounds": 1,
+           "server-eval": "off", "out-dir": str(tmp_path / "dp")}
+    outcome = _serve(run, 2)
+    assert outcome.log.value(1, "mimic", "dp_budget_exhausted") == 1.0
+    assert outcome.log.value(1, "cinc", "dp_budget_exhausted") == 1.0
+    torch.manual_seed(0)
+    initial = new_model(load_run_config(run)).state_dict()
+    final = load_checkpoint(tmp_path / "dp" / "checkpoint.pt")["state_dict"]
+    assert all(torch.equal(initial[k], final[k]) for k in initial)  # nothing was aggregated

@@ -175,7 +175,7 @@ def test_superlink_killed_mid_run_resumes_from_last_checkpoint(federation, tmp_p
 
     from shared.training import load_checkpoint
 
-    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] in (1, 2)
+    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 1  # killed during round 2
     fed.start_server(tls=False)  # same port, same state directory
     wait_port(fed.port)
     fed.wait_online(len(survivors), timeout=120)
@@ -183,7 +183,7 @@ def test_superlink_killed_mid_run_resumes_from_last_checkpoint(federation, tmp_p
     status = wait_run(env, fed.connection, resumed, timeout=400)
     log = run_log(env, fed.connection, resumed)
     assert status["status"] == "finished:completed", (status, log)
-    assert re.search(r"resuming .* after round [12] of 2", log), log
+    assert re.search(r"resuming .* after round 1 of 2", log), log
     after = read_csv(rounds_csv)
     assert [r for r in after if r["round"] == "1"] == round1  # completed round kept as it was
     assert {r["site"] for r in after if r["round"] == "2" and r["metric"] == "num_examples"} == set(survivors)

@@ -57,7 +57,7 @@ def test_unknown_model_and_preset_name_the_choices():
     with pytest.raises(ValueError, match=r"choose one of \['base', 'paper', 'tiny'\]"):
         build_model("hierarchical", "huge", n_leads=12, input_samples=2500, n_classes=5)
     with pytest.raises(ValueError, match="pass n_leads, input_samples"):
-        build_model("hierarchical", "tiny", n_leads=12, input_samples=2500, n_classes=5, fs=500)
+        build_model("hierarchical", "tiny", n_leads=12, input_samples=2500, n_classes=5, seconds=10)
 
 
 def test_state_round_trips_through_numpy_arrays_exactly():
@@ -98,14 +98,14 @@ def test_opacus_wrapped_model_exchanges_the_same_arrays():
 
 def test_checkpoint_rebuilds_the_same_model(tmp_path):
     torch.manual_seed(0)
-    m = tiny(attention="differential").eval()
+    m = tiny(attention="differential", fs=500).eval()
     path = tmp_path / "ckpt" / "model.pt"
     save_checkpoint(path, m, {"classes": ["NORM", "MI", "STTC", "CD", "HYP"]})
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]  # no temporary file left
     loaded, extra = load_checkpoint(path)
     x = torch.randn(2, 12, 2500)
     assert torch.equal(loaded.eval()(x), m(x)) and extra["classes"][1] == "MI"
-    assert loaded.config["overrides"] == {"attention": "differential"}
+    assert loaded.config["overrides"] == {"attention": "differential"} and loaded.config["fs"] == 500
 
 
 def test_a_model_added_to_the_registry_is_built_by_the_factory(monkeypatch):

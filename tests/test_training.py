@@ -228,3 +228,12 @@ def test_predict_record_matches_the_cache_path_on_a_real_record(kit_data, tmp_pa
     np.testing.assert_allclose(list(probs.values()), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="data_config"):
         predict_record(model, kit_data / "ptbdb" / "patient001" / "s0010_re", "ptb")
+
+
+def test_data_config_without_preprocess_means_the_cache_defaults():
+    from shared.data.preprocess import PreprocessConfig
+    from shared.training.predict import preprocess_config_of
+
+    assert preprocess_config_of({"fs": 250.0, "window_samples": 2500}) == PreprocessConfig()
+    custom = PreprocessConfig(fs=100.0, bandpass=(1.0, 40.0)).as_dict()
+    assert preprocess_config_of({"preprocess": custom}) == PreprocessConfig(fs=100.0, bandpass=(1.0, 40.0))

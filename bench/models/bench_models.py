@@ -23,6 +23,7 @@ Prints one JSON line per configuration, then a Markdown table for docs/performan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -72,11 +73,12 @@ def run_child(spec: dict) -> dict:
     x = torch.randn(spec["batch"], n_leads, samples, device=device)
     y = (torch.rand(spec["batch"], n_classes, device=device) > 0.5).float()
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=spec["bf16"])
+    kernels = contextlib.ExitStack()  # lives until the function returns
     if spec["math_attention"]:
         # PyTorch's unfused attention: materialises every [L, L] map, as the released code does.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        sdpa_kernel(SDPBackend.MATH).__enter__()
+        kernels.enter_context(sdpa_kernel(SDPBackend.MATH))
 
     def timed(fn) -> tuple[float, float]:
         """Median wall seconds and median process CPU seconds per step."""
@@ -118,6 +120,7 @@ def run_child(spec: dict) -> dict:
         "train_samples_s": spec["batch"] / t_train, "infer_samples_s": spec["batch"] / t_infer,
         "cpu_s_per_train_step": cpu_train, "cpu_s_per_infer_step": cpu_infer,
         "load_avg_1min": os.getloadavg()[0],
+        "flash_attention_enabled": torch.backends.cuda.flash_sdp_enabled(),
         "peak_rss_gib_infer": rss_infer,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
     }

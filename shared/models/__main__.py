@@ -85,10 +85,8 @@ def _build_from_args(args: argparse.Namespace) -> torch.nn.Module:
         n_leads=args.leads if args.leads is not None else preset["n_leads"],
         input_samples=int(round(fs * seconds)),
         n_classes=args.classes if args.classes is not None else preset["n_classes"],
-        dp=args.dp, **overrides,
+        dp=args.dp, fs=fs, **overrides,
     )
-    model.config["fs"] = fs
-    return model
 
 
 def cmd_summary(args: argparse.Namespace) -> None:

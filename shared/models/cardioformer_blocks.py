@@ -1,6 +1,8 @@
 """Building blocks of Cardioformer (arXiv 2505.05538), one job per class.
 
-Read top to bottom, they follow the data path of one forward pass:
+Two functional helpers come first: ``dropout`` (``nn.Dropout`` semantics, one-byte masks) and
+``attention`` (scaled dot product with dropout on the weights). Then, top to bottom, the data
+path of one forward pass:
 
 1. ``EmbeddingAugmentation``: one random augmentation per granularity, training only.
 2. ``GranularityEmbedding``: the learnable vector that tells the granularities apart.

@@ -56,11 +56,14 @@ def build_model(
     input_samples: int,
     n_classes: int,
     dp: bool = False,
+    fs: float | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build model ``name`` with preset ``preset``'s hyper-parameters, changed by ``overrides``.
 
-    ``dp=True`` gives the Opacus-compatible form (e.g. GroupNorm instead of BatchNorm). Raises
+    ``dp=True`` gives the Opacus-compatible form (e.g. GroupNorm instead of BatchNorm). ``fs``
+    (Hz) only records the sampling rate of the data in ``model.config["fs"]`` (default: the
+    preset's), which the explain command resamples records to. Raises
     ``ValueError`` for an unknown model, preset or override key, or for a configuration that
     cannot work (the message names the values to change).
     """
@@ -69,7 +72,7 @@ def build_model(
     if misplaced:
         raise ValueError(
             f"{misplaced} describe the data, not the architecture: pass n_leads, input_samples "
-            "(= fs x seconds) and n_classes as arguments"
+            "(= fs x seconds), n_classes and fs as arguments"
         )
     model = MODEL_REGISTRY[name].builder(
         preset, n_leads=int(n_leads), input_samples=int(input_samples), n_classes=int(n_classes), dp=bool(dp),
@@ -84,7 +87,7 @@ def build_model(
         "n_classes": int(n_classes),
         "dp": bool(dp),
         "overrides": _jsonable(overrides),
-        "fs": presets["fs"],
+        "fs": float(fs) if fs is not None else presets["fs"],
     })
     model.config = _jsonable(config)
     return model
@@ -95,10 +98,8 @@ def rebuild_model(config: dict[str, Any]) -> nn.Module:
     missing = [k for k in ("name", "preset", "n_leads", "input_samples", "n_classes") if k not in config]
     if missing:
         raise ValueError(f"model config lacks {missing}: it is not a config written by build_model")
-    model = build_model(
+    return build_model(
         config["name"], config["preset"], n_leads=config["n_leads"], input_samples=config["input_samples"],
-        n_classes=config["n_classes"], dp=config.get("dp", False), **dict(config.get("overrides") or {}),
+        n_classes=config["n_classes"], dp=config.get("dp", False), fs=config.get("fs"),
+        **dict(config.get("overrides") or {}),
     )
-    if "fs" in config:
-        model.config["fs"] = config["fs"]
-    return model

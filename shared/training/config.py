@@ -14,7 +14,9 @@ class DPConfig:
     """Sample-level DP-SGD with Opacus: per-sample clipping to ``max_grad_norm`` + Gaussian noise.
 
     ``epsilon_budget`` (optional) is the most epsilon a site may spend over all its rounds; a round
-    that would go past it is not trained.
+    that would go past it is not trained. ``secure_mode`` draws the noise from a cryptographically
+    secure generator (Opacus ``secure_mode``; needs the ``torchcsprng`` package): off by default,
+    as in Opacus, which warns about it; turn it on for a production model.
     """
 
     noise_multiplier: float = 1.0
@@ -22,6 +24,7 @@ class DPConfig:
     delta: float = 1e-5
     epsilon_budget: float | None = None
     accountant: str = "rdp"
+    secure_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.noise_multiplier <= 0:

@@ -7,6 +7,7 @@ the pooled baseline (called by ``simulations/compare.py``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +118,7 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
                 ),
             )
 
-    engine = PrivacyEngine(accountant=dp.accountant)
+    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
     engine.accountant.history = list(history)
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
@@ -128,9 +129,12 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
         poisson_sampling=True,
     )
     try:
-        _, mean_loss = _run_epochs(
-            private_model, private_loader, private_optimizer, cfg, device, reference, dp=True
-        )
+        with warnings.catch_warnings():
+            # Opacus's hooks on the first layer fire although the input needs no gradient: harmless.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            _, mean_loss = _run_epochs(
+                private_model, private_loader, private_optimizer, cfg, device, reference, dp=True
+            )
     finally:
         private_model.to_standard_module()  # removes Opacus hooks; ``model`` keeps the weights
     history = [tuple(h) for h in engine.accountant.history]

@@ -32,8 +32,13 @@ def data_config_for(dataset) -> dict[str, Any]:
 
 
 def preprocess_config_of(data_config: dict[str, Any]):
+    """The cache's ``PreprocessConfig``: ``data_config["preprocess"]`` when present (as
+    :func:`data_config_for` writes it), else the cache defaults at ``fs`` / ``window_samples``."""
     from shared.data.preprocess import PreprocessConfig
 
+    if "preprocess" not in data_config:
+        fs = float(data_config["fs"])
+        return PreprocessConfig(fs=fs, window_seconds=int(data_config["window_samples"]) / fs)
     p = dict(data_config["preprocess"])
     known = set(PreprocessConfig.__dataclass_fields__)
     kwargs = {k: v for k, v in p.items() if k in known}
