@@ -27,7 +27,7 @@ SERVER_EVAL = ("auto", "on", "off")
 # Mirrors simulations/four_sites/pyproject.toml; every key a user may override.
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 3,
-    "local-epochs": 1,
+    "local-epochs": 2,
     "fraction-train": 1.0,
     "fraction-evaluate": 1.0,
     "min-nodes": 0,
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "preset": "tiny",
     "sites": "ptb,ptbxl,mimic,cinc",
     "strategy": "fedavg",
-    "lr": 1e-3,
+    "lr": 3e-3,
     "batch-size": 32,
     "weight-decay": 0.0,
     "proximal-mu": 0.01,

@@ -27,8 +27,8 @@ from server.strategies import build_strategy
 from server.summary import final_table, render, write_summary
 from shared.training import load_checkpoint
 
-POOLED_NOTE = ("server-side: the server's own copy of every site's test split, predictions "
-               "concatenated (simulation only)")
+POOLED_NOTE = ("server-side: the global model on the server's own copy of every site's test "
+               "split, predictions concatenated (simulation only)")
 
 
 @dataclass

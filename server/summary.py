@@ -34,7 +34,9 @@ def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: 
     if cfg.dp:
         table.add_column("epsilon (delta)", justify="right")
     for site in cfg.site_list:
-        row = [site, _fmt(log.value(final_round, site, "auroc_macro")), "federated evaluation at the site"]
+        how = ("at the site: global model + the site's own site-local layers (FedBN)" if cfg.site_local
+               else "federated evaluation at the site")
+        row = [site, _fmt(log.value(final_round, site, "auroc_macro")), how]
         if cfg.dp:
             eps = log.value(final_round, site, "epsilon")
             delta = log.value(final_round, site, "delta")

@@ -150,8 +150,8 @@ def test_layer_recomputation_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
-    assert PRESETS["paper"]["recompute_layers"] is True
-    assert build("paper", n_leads=12, input_samples=250, n_classes=5, dp=True).recompute_layers is False
+    assert build("paper", n_leads=12, input_samples=250, n_classes=5, recompute_layers=True).recompute_layers
+    assert not build("paper", n_leads=12, input_samples=250, n_classes=5, dp=True, recompute_layers=True).recompute_layers
 
 
 def test_dp_form_passes_opacus_validation_and_trains_one_private_step():

@@ -24,7 +24,7 @@ from shared.training import load_checkpoint, load_model, predict_record
 # Small, fast runs: tiny model, few synthetic records per site.
 # Partitions 1-3 (ptbxl, mimic, cinc) hold one window per record; ptb's records are longer.
 BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "batch-size": 16,
-        "device": "cpu"}
+        "local-epochs": 1, "device": "cpu"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,6 +73,9 @@ def test_default_app_config_validates_and_names_four_sites():
 
     app = Path(__file__).resolve().parents[1] / "simulations" / "four_sites" / "pyproject.toml"
     data = tomllib.loads(app.read_text())
+    from server.config import DEFAULTS
+
+    assert data["tool"]["flwr"]["app"]["config"] == DEFAULTS  # one set of defaults, two copies in sync
     cfg = load_run_config(data["tool"]["flwr"]["app"]["config"])
     assert cfg.site_list == ["ptb", "ptbxl", "mimic", "cinc"] and cfg.min_nodes == 4
     assert data["project"]["name"] == "four-sites" and "dependencies" not in data["project"]

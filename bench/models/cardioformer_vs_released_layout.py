@@ -11,6 +11,11 @@ parameter count (8,702,597, asserted), same FLOPs. The two alternate in fresh ch
 (own peak RSS each) so both see the same load; the ratio is the comparable figure.
 
     python bench/models/cardioformer_vs_released_layout.py [--threads 2] [--steps 3] [--rounds 2]
+        [--impls ours released_layout ours_no_recompute]
+
+``ours`` is the ``paper`` preset with ``recompute_layers=True``; ``ours_no_recompute`` is the
+preset as it ships (recomputation off). CPU seconds per step (process CPU time) are printed beside the wall-clock rates: with
+one thread they measure the work done whatever the load.
 
 Prints one JSON line per child run and a summary with the median ratios.
 """
@@ -113,10 +118,11 @@ class ReleasedLayoutCardioformer(nn.Module):
 def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    if spec["impl"] == "ours":
+    if spec["impl"].startswith("ours"):
         from shared.models import build_model
 
-        model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5)
+        model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5,
+                            recompute_layers=spec["impl"] == "ours")
     else:
         model = ReleasedLayoutCardioformer()
     params = sum(p.numel() for p in model.parameters())
@@ -139,7 +145,7 @@ def child(spec: dict) -> dict:
         with torch.no_grad():
             model(x)
 
-    t_inf, _ = timed(infer)
+    t_inf, cpu_inf = timed(infer)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -152,6 +158,7 @@ def child(spec: dict) -> dict:
     return {
         "impl": spec["impl"], "params": params, "threads": spec["threads"], "batch": spec["batch"],
         "train_samples_s": spec["batch"] / t_train, "infer_samples_s": spec["batch"] / t_inf,
+        "cpu_s_per_train_step": cpu_train, "cpu_s_per_infer_step": cpu_inf,
         "cpu_busy_train": cpu_train / (t_train * spec["threads"]),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         "load_avg_1min": os.getloadavg()[0],
@@ -164,6 +171,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="alternating (ours, released layout) pairs")
+    ap.add_argument("--impls", nargs="+", default=["ours", "released_layout"],
+                    choices=["ours", "released_layout", "ours_no_recompute"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -171,7 +180,7 @@ def main() -> int:
         return 0
     runs = []
     for _ in range(args.rounds):
-        for impl in ("ours", "released_layout"):
+        for impl in args.impls:
             spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch}
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             if out.returncode:
@@ -182,11 +191,15 @@ def main() -> int:
     def med(impl, key):
         return statistics.median(r[key] for r in runs if r["impl"] == impl)
 
-    summary = {k: {impl: round(med(impl, k), 3) for impl in ("ours", "released_layout")}
-               for k in ("train_samples_s", "infer_samples_s", "peak_rss_gib", "cpu_busy_train")}
-    summary["ratio_train"] = round(summary["train_samples_s"]["ours"] / summary["train_samples_s"]["released_layout"], 2)
-    summary["ratio_infer"] = round(summary["infer_samples_s"]["ours"] / summary["infer_samples_s"]["released_layout"], 2)
-    summary["ratio_peak_rss"] = round(summary["peak_rss_gib"]["ours"] / summary["peak_rss_gib"]["released_layout"], 2)
+    keys = ("train_samples_s", "infer_samples_s", "cpu_s_per_train_step", "cpu_s_per_infer_step", "peak_rss_gib",
+            "cpu_busy_train")
+    summary = {k: {impl: round(med(impl, k), 3) for impl in args.impls} for k in keys}
+    if "released_layout" in args.impls:
+        for impl in args.impls:
+            if impl != "released_layout":
+                summary[f"{impl}_over_released_layout"] = {
+                    k: round(summary[k][impl] / summary[k]["released_layout"], 2) for k in keys[:5]
+                }
     print(json.dumps({"summary": summary}))
     return 0
 

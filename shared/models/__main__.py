@@ -80,7 +80,7 @@ def _build_from_args(args: argparse.Namespace) -> torch.nn.Module:
     if fs <= 0 or seconds <= 0:
         raise ValueError(f"--fs and --seconds must be positive, got {fs} and {seconds}")
     overrides = _parse_overrides(args.set or [])
-    model = build_model(
+    return build_model(
         args.model, args.preset,
         n_leads=args.leads if args.leads is not None else preset["n_leads"],
         input_samples=int(round(fs * seconds)),

@@ -49,8 +49,9 @@ EXPLAIN_METHODS = ("router_attention", "input_x_gradient")
 
 #: Architecture options a preset sets and ``build`` overrides accept.
 ARCHITECTURE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "patch_lengths", "augmentations")
-#: Execution options (no effect on the function computed): ``recompute_layers`` keeps only each
-#: encoder layer's input during a training forward and recomputes the layer in backward.
+#: Execution options (no effect on the function computed): ``recompute_layers`` keeps only the
+#: inputs of each encoder layer's two halves during a training forward and recomputes the halves
+#: in backward (less memory, more CPU time; off in every preset, see docs/models.md).
 EXECUTION_KEYS = ("recompute_layers",)
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,14 +61,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "recompute_layers": True,
+        "recompute_layers": False,
     },
     # The paper architecture on 2 s crops of the project's 250 Hz cache (5 crops per 10 s
     # window at evaluation): more rhythm context per prediction, sized for one modern GPU.
     "base": {
         "fs": 250, "seconds": 2.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "recompute_layers": True,
+        "recompute_layers": False,
     },
     # For CPUs, tests and the embedded demo: 2 layers, d_model 32, four granularities.
     "tiny": {
