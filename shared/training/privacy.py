@@ -8,9 +8,10 @@ per round (a fresh ``PrivacyEngine`` per round would under-report it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from opacus.accountants import IAccountant, create_accountant
+if TYPE_CHECKING:  # opacus is imported where it is used: nodes that train without DP never load it
+    from opacus.accountants import IAccountant
 
 from .config import DPConfig
 
@@ -37,6 +38,8 @@ def history_from_state(dp_state: dict[str, Any] | None) -> list[tuple[float, flo
 
 def make_accountant(mechanism: str, history: list[tuple[float, float, int]]) -> IAccountant:
     """A fresh Opacus accountant of kind ``mechanism`` holding ``history``."""
+    from opacus.accountants import create_accountant
+
     accountant = create_accountant(mechanism=mechanism)
     accountant.history = [tuple(h) for h in history]
     return accountant
