@@ -26,7 +26,7 @@ SERVER_EVAL = ("auto", "on", "off")
 
 # Mirrors simulations/four_sites/pyproject.toml; every key a user may override.
 DEFAULTS: dict[str, Any] = {
-    "num-server-rounds": 3,
+    "num-server-rounds": 8,
     "local-epochs": 2,
     "fraction-train": 1.0,
     "fraction-evaluate": 1.0,
@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "dp-max-grad-norm": 1.0,
     "dp-delta": 1e-5,
     "dp-epsilon-budget": 0.0,
-    "site-local": True,
+    "site-local": False,
     "seed": 0,
     "device": "auto",
     "synthetic-records": 0,
@@ -64,7 +64,7 @@ DEFAULTS: dict[str, Any] = {
 
 # Synthetic records per site when ``synthetic-records = 0`` (small enough for the 5-minute
 # default run on 2 CPU cores; the synthetic generator's own default is larger).
-DEFAULT_SYNTHETIC_RECORDS = 120
+DEFAULT_SYNTHETIC_RECORDS = 400
 
 
 class ConfigError(ValueError):
