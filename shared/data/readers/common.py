@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
-from ..errors import RecordError
+from ..errors import DatasetRootError, RecordError
 
 #: Lead names as datasets spell them (lower-cased) -> the project's names.
 LEAD_ALIASES: dict[str, str] = {
@@ -155,3 +158,14 @@ def check_native_labels(site: str, labels: tuple[str, ...], path: str, strict: b
                 raise RecordError(path, "unknown_codes", f"none of {', '.join(labels)} is in the {site} label table")
             meta["label_issue"] = "unknown_codes"
     return meta
+
+
+def find_root_above(path: str | Path, marker: str, expected: str) -> Path:
+    """The nearest parent folder of a record path that holds the metadata file ``marker``.
+
+    ``expected`` completes the error message (e.g. "the PTB-XL root above records100/").
+    """
+    for parent in Path(os.path.abspath(path)).parents:
+        if (parent / marker).is_file():
+            return parent
+    raise DatasetRootError(f"no {marker} found in any parent folder of {path} (expected {expected})")

@@ -21,7 +21,7 @@ import pandas as pd
 from ..errors import DatasetRootError, RecordError
 from ..record import STANDARD_LEADS, EcgRecord
 from .base import RecordRef, SiteReader
-from .common import check_native_labels, read_leads
+from .common import check_native_labels, find_root_above, read_leads
 
 RECORD_LIST = "record_list.csv"
 MEASUREMENTS = "machine_measurements.csv"
@@ -50,10 +50,7 @@ def _load_tables(root: str) -> pd.DataFrame:
 
 def find_root(path: str | Path) -> Path:
     """The MIMIC-IV-ECG root above a record path: the nearest parent holding ``record_list.csv``."""
-    for parent in Path(os.path.abspath(path)).parents:
-        if (parent / RECORD_LIST).is_file():
-            return parent
-    raise DatasetRootError(f"no {RECORD_LIST} found in any parent folder of {path} (expected the MIMIC-IV-ECG root above files/)")
+    return find_root_above(path, RECORD_LIST, "the MIMIC-IV-ECG root above files/")
 
 
 class MimicReader(SiteReader):

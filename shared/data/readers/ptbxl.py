@@ -23,7 +23,7 @@ import pandas as pd
 from ..errors import DatasetRootError, RecordError
 from ..record import STANDARD_LEADS, EcgRecord
 from .base import RecordRef, SiteReader
-from .common import check_native_labels, read_leads
+from .common import check_native_labels, find_root_above, read_leads
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,7 @@ def _load_database(csv_path: str) -> pd.DataFrame:
 
 def find_root(path: str | Path) -> Path:
     """The PTB-XL root above a record path: the nearest parent holding ``ptbxl_database.csv``."""
-    p = Path(os.path.abspath(path))
-    for parent in p.parents:
-        if (parent / DATABASE_CSV).is_file():
-            return parent
-    raise DatasetRootError(f"no {DATABASE_CSV} found in any parent folder of {path} (expected the PTB-XL root above records100/ or records500/)")
+    return find_root_above(path, DATABASE_CSV, "the PTB-XL root above records100/ or records500/")
 
 
 class PtbxlReader(SiteReader):
