@@ -110,13 +110,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path}: no cache directory here (run `python -m shared.data prepare` first)")
     if not file.is_file():
         raise CacheError(f"{file}: missing; {path} is not a prepared cache (or an unfinished one)")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CacheError(f"{file}: unreadable manifest ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise CacheError(f"{file}: manifest is not a JSON object")
-    return manifest
+    return _read_json(file, what="manifest")
 
 
 def _load(path: Path) -> Cache:
@@ -202,11 +196,12 @@ def _read_records(file: Path) -> list[dict[str, str]]:
         raise CacheError(f"{file}: unreadable ({exc})") from exc
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def _read_json(file: Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from ``file``; ``CacheError`` naming the file (and ``what`` it is) otherwise."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CacheError(f"{file}: unreadable ({exc})") from exc
+        raise CacheError(f"{file}: unreadable {what} ({exc})") from exc
     if not isinstance(data, dict):
-        raise CacheError(f"{file}: not a JSON object")
+        raise CacheError(f"{file}: {what} is not a JSON object")
     return data

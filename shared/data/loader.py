@@ -34,6 +34,20 @@ NORMALIZATIONS = ("zscore", "none")
 _EPS = 1e-6
 
 
+def normalize_items(x: np.ndarray, normalize: str) -> np.ndarray:
+    """Normalise float32 items ``[n, leads, L]`` in place and return them.
+
+    ``zscore``: each lead of each item over its own samples; ``none``: unchanged. The one place
+    this is defined, shared by the loader and single-record prediction.
+    """
+    if normalize == "zscore":
+        x -= x.mean(axis=2, keepdims=True)
+        x /= x.std(axis=2, keepdims=True) + _EPS
+    elif normalize != "none":
+        raise ValueError(f"unknown normalize {normalize!r} (one of {', '.join(NORMALIZATIONS)})")
+    return x
+
+
 class WindowDataset(Dataset):
     """Items of one split of a cache (see module docstring)."""
 
@@ -128,9 +142,7 @@ class WindowDataset(Dataset):
             offsets = self._random_offsets(len(idx), W - L) if self.train else self.item_offset[idx]
             cols = offsets[:, None] + np.arange(L)[None, :]
             x = np.take_along_axis(raw, cols[:, None, :], axis=2).astype(np.float32)
-        if self.normalize == "zscore":
-            x -= x.mean(axis=2, keepdims=True)
-            x /= x.std(axis=2, keepdims=True) + _EPS
+        normalize_items(x, self.normalize)
         rec = torch.from_numpy(self.item_record[idx])
         return torch.from_numpy(x), self._labels[rec], self._mask[rec]
 

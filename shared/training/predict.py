@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-_EPS = 1e-6  # as in shared.data.loader
+from shared.data.loader import normalize_items
+
 
 
 def data_config_for(dataset) -> dict[str, Any]:
@@ -54,12 +55,7 @@ def record_items(windows: np.ndarray, crop_samples: int, normalize: str) -> np.n
     tiles = w // crop_samples
     items = windows[:, :, : tiles * crop_samples].reshape(n, leads, tiles, crop_samples)
     items = items.transpose(0, 2, 1, 3).reshape(n * tiles, leads, crop_samples).copy()
-    if normalize == "zscore":
-        items -= items.mean(axis=2, keepdims=True)
-        items /= items.std(axis=2, keepdims=True) + _EPS
-    elif normalize != "none":
-        raise ValueError(f"unknown normalize {normalize!r}")
-    return items
+    return normalize_items(items, normalize)
 
 
 @torch.no_grad()
