@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,6 +130,19 @@ def test_fast_dropout_keeps_the_right_share_and_is_seeded():
     assert torch.equal(a, drop(x))
     assert torch.allclose(a.unique(), torch.tensor([0.0, 1 / 0.75])) and abs(a.mean().item() - 1) < 0.02
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_keep_mask_stream_hands_out_the_mask_dropout_keep_mask_draws():
+    from shared.models.common import KeepMaskStream, dropout_keep_mask
+
+    for shape, cuts in [((37, 5, 3), [0, 3, 4, 20, 37]), ((10, 256), [0, 2, 10]), ((9,), [0, 9])]:
+        torch.manual_seed(1)
+        whole = dropout_keep_mask(shape, 0.3)
+        torch.manual_seed(1)
+        stream = KeepMaskStream(shape, 0.3)
+        assert torch.equal(torch.cat([stream.rows(a, b) for a, b in zip(cuts, cuts[1:])]), whole)
+    with pytest.raises(ValueError, match="in order"):
+        KeepMaskStream((4, 2), 0.5).rows(1, 2)
 
 
 def test_relu_dropout_matches_relu_then_dropout_with_the_same_mask():

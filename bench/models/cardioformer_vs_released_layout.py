@@ -11,13 +11,17 @@ parameter count (8,702,597, asserted), same FLOPs. The two alternate in fresh ch
 (own peak RSS each) so both see the same load; the ratio is the comparable figure.
 
     python bench/models/cardioformer_vs_released_layout.py [--threads 2] [--steps 3] [--rounds 2]
-        [--impls ours released_layout ours_no_recompute]
+        [--impls ours released_layout ours_module_path ours_recompute]
 
-``ours`` is the ``paper`` preset with ``recompute_layers=True``; ``ours_no_recompute`` is the
-preset as it ships (recomputation off). CPU seconds per step (process CPU time) are printed beside the wall-clock rates: with
-one thread they measure the work done whatever the load.
+``ours`` is the ``paper`` preset as it ships (the fused kernels of ``cardioformer_fused``);
+``ours_module_path`` the same model with ``fused_layers=False`` (what Opacus trains);
+``ours_recompute`` the shipped model with ``recompute_layers=True`` as well. CPU seconds per
+step (process CPU time) are printed beside the wall-clock rates.
 
-Prints one JSON line per child run and a summary with the median ratios.
+Prints one JSON line per child run and a summary: the median of each figure per
+implementation, its ratio to the released layout's median, and the median over rounds of the
+per-round ratio (each round runs every implementation once, back to back: the figure least
+moved by drifting machine load).
 """
 
 from __future__ import annotations
@@ -121,8 +125,9 @@ def child(spec: dict) -> dict:
     if spec["impl"].startswith("ours"):
         from shared.models import build_model
 
-        model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5,
-                            recompute_layers=spec["impl"] == "ours")
+        options = {"ours": {}, "ours_module_path": {"fused_layers": False},
+                   "ours_recompute": {"recompute_layers": True}}[spec["impl"]]
+        model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5, **options)
     else:
         model = ReleasedLayoutCardioformer()
     params = sum(p.numel() for p in model.parameters())
@@ -172,20 +177,20 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="alternating (ours, released layout) pairs")
     ap.add_argument("--impls", nargs="+", default=["ours", "released_layout"],
-                    choices=["ours", "released_layout", "ours_no_recompute"])
+                    choices=["ours", "released_layout", "ours_module_path", "ours_recompute"])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     runs = []
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for impl in args.impls:
             spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch}
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"child {impl} failed: {out.stderr.strip().splitlines()[-1]}")
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"round": round_index})
             print(json.dumps(runs[-1]), flush=True)
 
     def med(impl, key):
@@ -199,6 +204,12 @@ def main() -> int:
             if impl != "released_layout":
                 summary[f"{impl}_over_released_layout"] = {
                     k: round(summary[k][impl] / summary[k]["released_layout"], 2) for k in keys[:5]
+                }
+                by_round = {(r["round"], r["impl"]): r for r in runs}
+                summary[f"{impl}_over_released_layout_per_round_median"] = {
+                    k: round(statistics.median(by_round[(i, impl)][k] / by_round[(i, "released_layout")][k]
+                                               for i in range(args.rounds)), 2)
+                    for k in keys[:5]
                 }
     print(json.dumps({"summary": summary}))
     return 0

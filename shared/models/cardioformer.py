@@ -49,10 +49,12 @@ EXPLAIN_METHODS = ("router_attention", "input_x_gradient")
 
 #: Architecture options a preset sets and ``build`` overrides accept.
 ARCHITECTURE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "patch_lengths", "augmentations")
-#: Execution options (no effect on the function computed): ``recompute_layers`` keeps only the
-#: inputs of each encoder layer's two halves during a training forward and recomputes the halves
-#: in backward (less memory, more CPU time; off in every preset, see docs/models.md).
-EXECUTION_KEYS = ("recompute_layers",)
+#: Execution options (no effect on the function computed): ``fused_layers`` runs each encoder
+#: layer through the lean autograd kernels of ``cardioformer_fused`` (on in every preset; the DP
+#: form, a hooked model and autocast use the module path); ``recompute_layers`` keeps only each
+#: encoder layer's input(s) in a training forward and recomputes the layer in backward (less
+#: memory, more CPU time; off in every preset, see docs/models.md).
+EXECUTION_KEYS = ("fused_layers", "recompute_layers")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published PTB-XL configuration: 250 Hz, 1 s segments, 12 leads, 5 classes
@@ -61,20 +63,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "recompute_layers": False,
+        "fused_layers": True, "recompute_layers": False,
     },
     # The paper architecture on 2 s crops of the project's 250 Hz cache (5 crops per 10 s
     # window at evaluation): more rhythm context per prediction, sized for one modern GPU.
     "base": {
         "fs": 250, "seconds": 2.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "recompute_layers": False,
+        "fused_layers": True, "recompute_layers": False,
     },
     # For CPUs, tests and the embedded demo: 2 layers, d_model 32, four granularities.
     "tiny": {
         "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
         "dropout": 0.1, "patch_lengths": [4, 8, 16, 32], "augmentations": PAPER_AUGMENTATIONS,
-        "recompute_layers": False,
+        "fused_layers": True, "recompute_layers": False,
     },
 }
 
@@ -122,7 +124,8 @@ class Cardioformer(nn.Module):
     def __init__(self, *, n_leads: int, input_samples: int, n_classes: int, d_model: int = 128,
                  n_heads: int = 8, n_layers: int = 6, d_ff: int = 256, dropout: float = 0.1,
                  patch_lengths: list[int] = tuple(PATCH_LENGTHS_PTBXL),
-                 augmentations: list[str] = tuple(PAPER_AUGMENTATIONS), recompute_layers: bool = False):
+                 augmentations: list[str] = tuple(PAPER_AUGMENTATIONS), fused_layers: bool = True,
+                 recompute_layers: bool = False):
         super().__init__()
         patch_lengths, augmentations = list(patch_lengths), list(augmentations)
         check_config(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, d_model=d_model,
@@ -140,13 +143,14 @@ class Cardioformer(nn.Module):
         self.norm = nn.LayerNorm(d_model)  # the encoder's final norm, over every token
         self.head_dropout = Dropout(dropout)
         self.classifier = nn.Linear(d_model * n_tokens, n_classes)
+        self.fused_layers = bool(fused_layers)
         self.recompute_layers = bool(recompute_layers)
         self.config: dict[str, Any] = {
             "name": "cardioformer", "preset": None, "n_leads": n_leads, "input_samples": input_samples,
             "n_classes": n_classes, "dp": False,
             "overrides": {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "d_ff": d_ff,
                           "dropout": dropout, "patch_lengths": patch_lengths, "augmentations": augmentations,
-                          "recompute_layers": self.recompute_layers},
+                          "fused_layers": self.fused_layers, "recompute_layers": self.recompute_layers},
         }
 
     # ------------------------------------------------------------------ forward
@@ -163,19 +167,26 @@ class Cardioformer(nn.Module):
         attention maps (head-averaged ``[B, G, G]`` per layer) when ``need_weights``."""
         self._check_input(x)
         tokens = self.embedding(x)
-        recompute = self._recompute_now(need_weights)
+        recompute, fused = self._recompute_now(need_weights), self._fused_now(need_weights, x)
         router_maps = []
         for layer in self.layers:
-            tokens, weights = layer(tokens, need_weights=need_weights, recompute=recompute)
+            tokens, weights = layer(tokens, need_weights=need_weights, recompute=recompute, fused=fused)
             router_maps.append(weights)
         return self.norm(tokens), router_maps
 
+    def _unwatched(self, need_weights: bool) -> bool:
+        """Nothing watches the layers one by one: no attention maps asked for, and no forward
+        hook - Opacus (hooks mode) records each ``nn.Linear``'s activations in forward hooks,
+        which a fused kernel bypasses and a recomputed layer would fire twice, so any hook on
+        the classifier (Opacus hooks every trainable layer) switches both options off."""
+        return not need_weights and not self.classifier._forward_hooks and not self.classifier._forward_pre_hooks
+
     def _recompute_now(self, need_weights: bool) -> bool:
-        """Recompute layers in backward only when it saves memory and nothing watches the
-        forward: Opacus (hooks mode) records each layer's activations in forward hooks and would
-        see a recomputed layer twice, so any forward hook on the classifier switches it off."""
-        return (self.recompute_layers and self.training and torch.is_grad_enabled() and not need_weights
-                and not self.classifier._forward_hooks and not self.classifier._forward_pre_hooks)
+        return self.recompute_layers and self.training and torch.is_grad_enabled() and self._unwatched(need_weights)
+
+    def _fused_now(self, need_weights: bool, x: torch.Tensor) -> bool:
+        """The fused kernels are written for one dtype: under autocast the module path runs."""
+        return self.fused_layers and self._unwatched(need_weights) and not torch.is_autocast_enabled(x.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.encode(x)
@@ -257,8 +268,9 @@ def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: 
     ``dp=True`` returns the form meant for Opacus. The architecture is the same: every layer is
     already one Opacus can clip per sample (Linear, Conv2d, LayerNorm, one-vector modules) and
     the embedding augmentation is per-sample noise, so it stays on (docs/models.md explains why
-    that keeps per-sample clipping valid). What changes: layer recomputation is off (Opacus's
-    hooks must see each layer's forward exactly once). The flag is recorded in ``config``.
+    that keeps per-sample clipping valid). What changes: layer recomputation and the fused
+    kernels are off (Opacus's hooks must see each ``nn.Linear``'s forward, exactly once). The
+    flag is recorded in ``config``.
     """
     if preset not in PRESETS:
         raise ValueError(f"cardioformer: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -270,6 +282,7 @@ def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: 
     options.update(copy.deepcopy(overrides))
     if dp:
         options["recompute_layers"] = False
+        options["fused_layers"] = False
     model = Cardioformer(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, **options)
     model.config = {
         "name": "cardioformer", "preset": preset, "n_leads": n_leads, "input_samples": input_samples,

@@ -1,7 +1,7 @@
 """Building blocks of Cardioformer (arXiv 2505.05538), one job per class.
 
-Two functional helpers come first: ``dropout`` (``nn.Dropout`` semantics, one-byte masks) and
-``attention`` (scaled dot product with dropout on the weights). Then, top to bottom, the data
+A functional helper comes first: ``attention`` (scaled dot product with dropout on the
+weights; ``dropout`` itself is ``shared.models.common.dropout``). Then, top to bottom, the data
 path of one forward pass:
 
 1. ``EmbeddingAugmentation``: one random augmentation per granularity, training only.
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shared.models.common import Dropout, dropout_keep_mask
+from shared.models.cardioformer_fused import dropout_attention, layer_tail
+from shared.models.common import Dropout, dropout
 
 #: Augmentation names the model accepts: ``jitter<sigma>``, ``scale<sigma>``, ``drop<p>`` and
 #: ``none``, as in the released code's ``--augmentations`` option (e.g. ``jitter0.2``).
@@ -64,15 +65,6 @@ def parse_augmentation(spec: str) -> tuple[str, float]:
         f"augmentation {spec!r} not understood: use jitter<sigma>, scale<sigma>, drop<p> "
         "(0 <= p < 1) or none, e.g. ['jitter0.2', 'scale0.2', 'drop0.5', 'none']"
     )
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Functional form of ``shared.models.common.Dropout`` (``nn.Dropout`` semantics): the mask
-    is drawn by ``dropout_keep_mask`` (about 4x cheaper than ``bernoulli_`` on CPU) and autograd
-    keeps it as one byte per element (``F.dropout`` on CPU keeps a float tensor)."""
-    if not training or p == 0.0:
-        return x
-    return x.mul(dropout_keep_mask(x.shape, p, x.device)).mul_(1.0 / (1.0 - p))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -259,11 +251,20 @@ class TwoStageAttention(nn.Module):
             groups.setdefault(n, []).append(g)
         self.groups = list(groups.values())  # granularity indices sharing a token count
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, need_weights: bool = False, fused: bool = False):
+        """``fused``: intra-granularity attention through ``cardioformer_fused.dropout_attention``
+        (same function, backward recomputes the maps instead of keeping them)."""
         parts = x.split(self.token_counts, dim=1)
         outputs: list[torch.Tensor | None] = [None] * len(parts)
         p = self.dropout if self.training else 0.0
         for group in self.groups:
+            if fused:
+                projected = [self.intra[g].qkv(parts[g]) for g in group]  # each [B, n, 3D]
+                stacked = projected[0] if len(group) == 1 else torch.cat(projected, dim=0)
+                attended = dropout_attention(stacked, self.intra[group[0]].n_heads, p)  # [B * len, n, D]
+                for g, chunk in zip(group, attended.chunk(len(group), dim=0)):
+                    outputs[g] = self.intra[g].out(chunk)
+                continue
             qkv = [self.intra[g].heads(parts[g]) for g in group]  # each [3, B, H, n, E]
             stacked = qkv[0] if len(group) == 1 else torch.cat(qkv, dim=1)
             attended = attention(stacked[0], stacked[1], stacked[2], p)
@@ -321,9 +322,20 @@ class CardioformerLayer(nn.Module):
         """Second half: three residual 1x1-conv blocks, residual + LayerNorm."""
         return self.norm2(x + self.blocks(x))
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False):
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same layer through the lean kernels of ``cardioformer_fused``."""
+        attended, _ = self.attention(x, fused=True)
+        z = x + self.dropout(attended)
+        return layer_tail(z, self.norm1, self.blocks, self.norm2, self.dropout.p if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False, fused: bool = False):
         """``recompute``: keep only each half's input for backward and rerun the half there
-        (the same dropout masks are redrawn); the function computed is unchanged."""
+        (the same dropout masks are redrawn); ``fused``: run ``fused_forward``. The function
+        computed is the same in every mode."""
+        if fused:
+            if recompute:
+                return checkpoint(self.fused_forward, x, use_reentrant=False), None
+            return self.fused_forward(x), None
         if recompute:
             x = checkpoint(lambda t: self.attend(t)[0], x, use_reentrant=False)
             return checkpoint(self.pointwise, x, use_reentrant=False), None
