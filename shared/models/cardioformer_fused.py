@@ -112,7 +112,6 @@ class _Mask:
     bits on CPU (``numpy.packbits``, about 0.1 ms per million entries), as bytes elsewhere."""
 
     def __init__(self, shape: tuple[int, ...], p: float, device: torch.device):
-        self.shape = torch.Size(shape)
         self.stream = KeepMaskStream(shape, p, device)
         per_row = int(np.prod(shape[1:]))
         self.kept = (torch.empty(shape[0], (per_row + 7) // 8, dtype=torch.uint8) if device.type == "cpu"
@@ -133,10 +132,6 @@ class _Mask:
 def _masks(shapes: list[tuple[int, ...]], p: float, device: torch.device) -> list[_Mask | None]:
     """One :class:`_Mask` per shape, seeded in order (the module path's order); ``None`` at p = 0."""
     return [_Mask(shape, p, device) if p > 0.0 else None for shape in shapes]
-
-
-def _draw(mask: _Mask | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if mask is None else mask.draw(start, stop)
 
 
 def _kept(mask: _Mask | None) -> torch.Tensor:
