@@ -11,7 +11,7 @@ parameter count (8,702,597, asserted), same FLOPs. The two alternate in fresh ch
 (own peak RSS each) so both see the same load; the ratio is the comparable figure.
 
     python bench/models/cardioformer_vs_released_layout.py [--threads 2] [--steps 3] [--rounds 2]
-        [--impls ours released_layout ours_module_path ours_recompute]
+        [--impls ours released_layout ours_module_path ours_recompute] [--recomputed-pre-gelu N]
 
 ``ours`` is the ``paper`` preset as it ships (the fused kernels of ``cardioformer_fused``);
 ``ours_module_path`` the same model with ``fused_layers=False`` (what Opacus trains);
@@ -125,6 +125,10 @@ def child(spec: dict) -> dict:
     if spec["impl"].startswith("ours"):
         from shared.models import build_model
 
+        if spec.get("recomputed_pre_gelu") is not None:
+            import shared.models.cardioformer_fused as fused
+
+            fused.RECOMPUTED_PRE_GELU = spec["recomputed_pre_gelu"]
         options = {"ours": {}, "ours_module_path": {"fused_layers": False},
                    "ours_recompute": {"recompute_layers": True}}[spec["impl"]]
         model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5, **options)
@@ -178,6 +182,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating (ours, released layout) pairs")
     ap.add_argument("--impls", nargs="+", default=["ours", "released_layout"],
                     choices=["ours", "released_layout", "ours_module_path", "ours_recompute"])
+    ap.add_argument("--recomputed-pre-gelu", type=int, default=None,
+                    help="override shared.models.cardioformer_fused.RECOMPUTED_PRE_GELU in our children")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -186,7 +192,8 @@ def main() -> int:
     runs = []
     for round_index in range(args.rounds):
         for impl in args.impls:
-            spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch}
+            spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch,
+                    "recomputed_pre_gelu": args.recomputed_pre_gelu}
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"child {impl} failed: {out.stderr.strip().splitlines()[-1]}")

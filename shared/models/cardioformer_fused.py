@@ -50,8 +50,10 @@ TAIL_ROWS = 2048
 #: Residual blocks (counted from the first of each layer) whose pre-GELU activation backward
 #: recomputes (one more matrix product per block) instead of keeping: each saves
 #: tokens x d_ff x 4 bytes per layer (75 MB over the paper preset's 6 layers at batch 32).
-#: Paper preset, batch 32, 2 threads (docs/performance.md): peak RSS 1.14 / 1.07 / 1.01 GiB for
-#: 0 / 1 / 2, training throughput equal within the run-to-run spread (23.8-24.9 samples/s).
+#: Paper preset, batch 32, 2 threads, back to back (docs/performance.md;
+#: ``bench/models/cardioformer_vs_released_layout.py --recomputed-pre-gelu N``): 0 -> 1.14 GiB
+#: peak, 2.66 CPU-s per step; 2 -> 1.00 GiB, 2.81 CPU-s (training 1.53x / 1.43x the released
+#: layout in the same runs).
 RECOMPUTED_PRE_GELU = 2
 #: Attention-map bytes per chunk on CPU (samples x heads x n x n x 4); unchunked: 22.4 samples/s.
 ATTENTION_CHUNK_BYTES = 2 * 2**20
@@ -282,7 +284,7 @@ class _LayerTail(torch.autograd.Function):
         BUFFERS.give(activation, projected, *pre_gelu[:recomputed])
         if not save:
             BUFFERS.give(*block_in, stats)
-        if save:
+        else:
             ctx.save_for_backward(z, stats, *pre_gelu[recomputed:], *block_in, *(_kept(m) for m in masks), *params)
             ctx.p, ctx.eps, ctx.n_blocks, ctx.shape, ctx.recomputed = p, eps, n_blocks, shape, recomputed
         return out.view(shape)
@@ -337,9 +339,7 @@ class _LayerTail(torch.autograd.Function):
                     grad_u, block_in[i][start:stop], (d,), mean_rstd[1 + i, 0], mean_rstd[1 + i, 1],
                     params[o + 4], params[o + 5], lnorm_mask)
                 accumulate(o + 4, norm_grads)
-                grad_y = grad_projected[:n].copy_(grad_in)
-                if keep2 is not None:
-                    grad_y.mul_(keep2)
+                grad_y = grad_in if keep2 is None else torch.mul(grad_in, keep2, out=grad_projected[:n])
                 param_grads[o + 3].add_(grad_y.sum(0))
                 a = _gelu_out(h, out=activation[:n])
                 if keep1 is not None:

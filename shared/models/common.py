@@ -34,54 +34,43 @@ def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
     return table
 
 
-def _seed() -> int:
-    """One draw from torch's default generator (``torch.manual_seed`` governs everything below)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-def _sixteen_bit_draws(shape: torch.Size | tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-    """Uniform integers on [-32768, 32768), one per element of ``shape``, four per 64-bit
-    random word.
-
-    On CPU the words come from numpy's SFC64 generator seeded by one draw from torch's default
-    generator (so ``torch.manual_seed`` still makes them reproducible): about twice as fast as
-    torch's single-threaded Mersenne Twister, which was a tenth of a Cardioformer training step.
-    Elsewhere torch's generator of that device draws them.
-    """
-    n = math.prod(shape)
-    n_words = (n + 3) // 4
-    if torch.device(device).type == "cpu":
-        words = torch.from_numpy(np.random.SFC64(_seed()).random_raw(n_words).view(np.int64))
-    else:
-        words = torch.empty(n_words, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-    return words.view(torch.int16)[:n].view(shape)
-
-
 _KEEP_FROM = 32768  # a 16-bit draw d is kept when d >= round(p * 65536) - _KEEP_FROM
 
 
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """Boolean mask, each entry ``True`` (kept) with probability ``1 - p`` (to 1/65536).
 
-    Drawn as 16-bit integers cut from 64-bit random words: on CPU about 4x faster than the
-    ``bernoulli_`` PyTorch's dropout uses (which costs ~35 multiplies per element). Uses the
-    default generator, so ``torch.manual_seed`` makes it reproducible.
+    Drawn as 16-bit integers cut from 64-bit random words (:class:`KeepMaskStream`, all rows at
+    once): on CPU about 4x faster than the ``bernoulli_`` PyTorch's dropout uses (which costs
+    ~35 multiplies per element). ``torch.manual_seed`` makes it reproducible.
     """
-    return _sixteen_bit_draws(shape, device) >= round(p * 65536) - _KEEP_FROM
+    n = math.prod(shape)
+    return KeepMaskStream((n,), p, device).rows(0, n).view(shape)
 
 
 class KeepMaskStream:
-    """The mask ``dropout_keep_mask(shape, p, device)`` would return (same generator draws, so
-    the same mask), handed out a few leading-dimension rows at a time, in order, without
-    drawing the whole mask at once (on CPU; elsewhere it is drawn whole and sliced)."""
+    """A dropout keep mask of ``shape`` handed out a few leading-dimension rows at a time, in
+    order, without drawing the whole mask at once; the rows together are the mask
+    ``dropout_keep_mask(shape, p, device)`` returns from the same generator state.
+
+    Each entry is a uniform 16-bit integer, four per 64-bit random word, kept when at least
+    ``round(p * 65536) - 32768``. On CPU the words come from numpy's SFC64 generator seeded by
+    one draw from torch's default generator (so ``torch.manual_seed`` governs them): about twice
+    as fast as torch's single-threaded Mersenne Twister, which was a tenth of a Cardioformer
+    training step. Elsewhere torch's generator of that device draws the whole mask at once.
+    """
 
     def __init__(self, shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu"):
         self.shape, self._threshold, self._next_row = torch.Size(shape), round(p * 65536) - _KEEP_FROM, 0
         self._per_row = math.prod(self.shape[1:])
+        self._whole = None
         if torch.device(device).type == "cpu":
-            self._generator, self._carry, self._whole = np.random.SFC64(_seed()), np.empty(0, np.int16), None
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._generator, self._carry = np.random.SFC64(seed), np.empty(0, np.int16)
         else:
-            self._whole = dropout_keep_mask(shape, p, device)
+            n = math.prod(self.shape)
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+            self._whole = words.view(torch.int16)[:n].view(self.shape) >= self._threshold
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Boolean keep mask of rows ``start:stop`` (``start`` must be where the last call stopped)."""
