@@ -141,6 +141,11 @@ def test_keep_mask_stream_hands_out_the_mask_dropout_keep_mask_draws():
         torch.manual_seed(1)
         stream = KeepMaskStream(shape, 0.3)
         assert torch.equal(torch.cat([stream.rows(a, b) for a, b in zip(cuts, cuts[1:])]), whole)
+        torch.manual_seed(1)
+        stream, scratch = KeepMaskStream(shape, 0.3), torch.ones(whole.numel(), dtype=torch.bool)
+        rows = [stream.rows(a, b, out=scratch).clone() for a, b in zip(cuts, cuts[1:])]  # one reused buffer
+        assert torch.equal(torch.cat(rows), whole)
+    assert not dropout_keep_mask((1000,), 1 - 1e-6).any() and dropout_keep_mask((1000,), 0.0).all()
     with pytest.raises(ValueError, match="in order"):
         KeepMaskStream((4, 2), 0.5).rows(1, 2)
 

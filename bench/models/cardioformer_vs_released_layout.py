@@ -12,6 +12,7 @@ parameter count (8,702,597, asserted), same FLOPs. The two alternate in fresh ch
 
     python bench/models/cardioformer_vs_released_layout.py [--threads 2] [--steps 3] [--rounds 2]
         [--impls ours released_layout ours_module_path ours_recompute] [--recomputed-pre-gelu N]
+        [--interleaved TURNS]
 
 ``ours`` is the ``paper`` preset as it ships (the fused kernels of ``cardioformer_fused``);
 ``ours_module_path`` the same model with ``fused_layers=False`` (what Opacus trains);
@@ -20,8 +21,14 @@ step (process CPU time) are printed beside the wall-clock rates.
 
 Prints one JSON line per child run and a summary: the median of each figure per
 implementation, its ratio to the released layout's median, and the median over rounds of the
-per-round ratio (each round runs every implementation once, back to back: the figure least
-moved by drifting machine load).
+per-round ratio (each round runs every implementation once, back to back).
+
+``--interleaved TURNS`` measures training throughput differently: all implementations in ONE
+process, warmed up (two inference passes, five training steps each), then one training step
+of each in turn (rotating the order) for TURNS turns; it prints the median and quartiles of the
+per-turn ratio (released layout's step time over ours). On a shared machine whose speed drifts
+from second to second this is the steadiest ratio (seconds apart instead of minutes); it says
+nothing about memory (one process), for which the child-process mode is the measurement.
 """
 
 from __future__ import annotations
@@ -119,23 +126,71 @@ class ReleasedLayoutCardioformer(nn.Module):
         return self.head(out.reshape(out.shape[0], -1))
 
 
-def child(spec: dict) -> dict:
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
-    if spec["impl"].startswith("ours"):
+def build(impl: str, recomputed_pre_gelu: int | None = None) -> nn.Module:
+    """One implementation at the paper configuration (8,702,597 parameters, asserted)."""
+    if impl.startswith("ours"):
         from shared.models import build_model
 
-        if spec.get("recomputed_pre_gelu") is not None:
+        if recomputed_pre_gelu is not None:
             import shared.models.cardioformer_fused as fused
 
-            fused.RECOMPUTED_PRE_GELU = spec["recomputed_pre_gelu"]
+            fused.RECOMPUTED_PRE_GELU = recomputed_pre_gelu
         options = {"ours": {}, "ours_module_path": {"fused_layers": False},
-                   "ours_recompute": {"recompute_layers": True}}[spec["impl"]]
+                   "ours_recompute": {"recompute_layers": True}}[impl]
         model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5, **options)
     else:
         model = ReleasedLayoutCardioformer()
     params = sum(p.numel() for p in model.parameters())
     assert params == 8_702_597, params
+    return model
+
+
+def training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.binary_cross_entropy_with_logits(model(x), y).backward()
+    opt.step()
+
+
+def interleaved(impls: list[str], pairs: int, threads: int, batch: int, recomputed_pre_gelu: int | None) -> dict:
+    """Every implementation in this one process, one training step each in turn (the order
+    rotating), ``pairs`` turns: each turn's ratios see the same moment of a drifting machine."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 12, 250), (torch.rand(batch, 5) > 0.5).float()
+    models = {impl: build(impl, recomputed_pre_gelu) for impl in impls}
+    opts = {impl: torch.optim.Adam(m.parameters(), lr=1e-4) for impl, m in models.items()}
+    for impl, model in models.items():  # warm-up: two inference passes, five training steps
+        with torch.no_grad():
+            model.eval()(x)
+            model(x)
+        model.train()
+        for _ in range(5):
+            training_step(model, opts[impl], x, y)
+    seconds: dict[str, list[float]] = {impl: [] for impl in impls}
+    for turn in range(pairs):
+        for impl in impls[turn % len(impls):] + impls[: turn % len(impls)]:
+            start = time.perf_counter()
+            training_step(models[impl], opts[impl], x, y)
+            seconds[impl].append(time.perf_counter() - start)
+    out = {"mode": "interleaved", "pairs": pairs, "threads": threads, "batch": batch,
+           "train_samples_s": {impl: round(batch / statistics.median(s), 2) for impl, s in seconds.items()}}
+    if "released_layout" in impls:
+        for impl in impls:
+            if impl != "released_layout":
+                ratios = [r / o for r, o in zip(seconds["released_layout"], seconds[impl])]
+                out[f"{impl}_over_released_layout_train"] = {
+                    "median": round(statistics.median(ratios), 3),
+                    "quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
+                    "share_of_turns_at_least_1.5": round(sum(r >= 1.5 for r in ratios) / len(ratios), 2),
+                }
+    return out
+
+
+def child(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    model = build(spec["impl"], spec.get("recomputed_pre_gelu"))
+    params = sum(p.numel() for p in model.parameters())
     x, y = torch.randn(spec["batch"], 12, 250), (torch.rand(spec["batch"], 5) > 0.5).float()
 
     def timed(fn):
@@ -158,12 +213,7 @@ def child(spec: dict) -> dict:
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-    def train():
-        opt.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(model(x), y).backward()
-        opt.step()
-
-    t_train, cpu_train = timed(train)
+    t_train, cpu_train = timed(lambda: training_step(model, opt, x, y))
     return {
         "impl": spec["impl"], "params": params, "threads": spec["threads"], "batch": spec["batch"],
         "train_samples_s": spec["batch"] / t_train, "infer_samples_s": spec["batch"] / t_inf,
@@ -184,10 +234,15 @@ def main() -> int:
                     choices=["ours", "released_layout", "ours_module_path", "ours_recompute"])
     ap.add_argument("--recomputed-pre-gelu", type=int, default=None,
                     help="override shared.models.cardioformer_fused.RECOMPUTED_PRE_GELU in our children")
+    ap.add_argument("--interleaved", type=int, default=0, metavar="TURNS",
+                    help="instead: training only, every implementation in one process, TURNS turns")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
+        return 0
+    if args.interleaved:
+        print(json.dumps(interleaved(args.impls, args.interleaved, args.threads, args.batch, args.recomputed_pre_gelu)))
         return 0
     runs = []
     for round_index in range(args.rounds):

@@ -325,8 +325,7 @@ class CardioformerLayer(nn.Module):
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same layer through the lean kernels of ``cardioformer_fused``."""
         attended, _ = self.attention(x, fused=True)
-        z = x + self.dropout(attended)
-        return layer_tail(z, self.norm1, self.blocks, self.norm2, self.dropout.p if self.training else 0.0)
+        return layer_tail(x, attended, self.norm1, self.blocks, self.norm2, self.dropout.p if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False, fused: bool = False):
         """``recompute``: keep only each half's input for backward and rerun the half there

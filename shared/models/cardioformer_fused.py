@@ -8,17 +8,18 @@ gives the same numbers to float rounding), but keep less for backward and alloca
   ``v``, for all heads of a ``[batch, n, 3 * D]`` q/k/v projection. It keeps the projection and
   the dropout mask; backward recomputes the scores and the softmax (as flash attention does)
   instead of keeping two float ``[n, n]`` maps per head.
-- :func:`layer_tail`: the second half of an encoder layer, ``norm2(x + blocks(x))`` with
-  ``x = norm1(z)``, each of the three residual blocks being
-  ``LayerNorm(u + dropout(W2 dropout(GELU(W1 u + b1)) + b2))``. Per block it keeps the
-  LayerNorm input and the two dropout masks, and the pre-GELU activation of the last
-  ``3 - RECOMPUTED_PRE_GELU`` blocks; backward recomputes GELU, the dropped activations, the
-  LayerNorm outputs (element-wise work) and the other pre-GELU activations (one matrix product
-  each). The dropout scale ``1 / (1 - p)`` rides on the matrix products.
+- :func:`layer_tail`: the rest of an encoder layer, ``norm2(x + blocks(x))`` with
+  ``x = norm1(z)``, ``z = r + dropout(a)`` (r the layer input, a the attention output), each of
+  the three residual blocks being ``LayerNorm(u + dropout(W2 dropout(GELU(W1 u + b1)) + b2))``.
+  It keeps z, the residual dropout's mask, per block the LayerNorm input and the two dropout
+  masks, and the pre-GELU activation of the last ``3 - RECOMPUTED_PRE_GELU`` blocks; backward
+  recomputes GELU, the dropped activations, the LayerNorm outputs (element-wise work) and the
+  other pre-GELU activations (one matrix product each). The dropout scale ``1 / (1 - p)``
+  rides on the matrix products.
 
-Dropout masks are kept as **bits** on CPU (``numpy.packbits``, a tenth of a millisecond per
-million entries): one bit per entry where a bool mask costs a byte, and 32 where PyTorch's own
-dropout keeps a float.
+Dropout masks are drawn chunk by chunk into one reused buffer and kept as **bits** on CPU
+(``numpy.packbits``, about 0.04 ms per million entries: ``bench/models/dropout_masks.py``): one
+bit per entry where a bool mask costs a byte, and 32 where PyTorch's own dropout keeps a float.
 
 Both work in **chunks** on CPU: a few samples of attention maps, or ``TAIL_ROWS`` tokens of the
 layer tail, go through every step before the next chunk starts, so the intermediates are a few
@@ -58,6 +59,7 @@ RECOMPUTED_PRE_GELU = 2
 #: Attention-map bytes per chunk on CPU (samples x heads x n x n x 4); unchunked: 22.4 samples/s.
 ATTENTION_CHUNK_BYTES = 2 * 2**20
 
+_BOOL = torch.empty(0, dtype=torch.bool)  # dtype and device of the mask scratch buffers
 _gelu_out = torch.ops.aten.gelu.out
 _gelu_backward_out = torch.ops.aten.gelu_backward.grad_input
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward
@@ -119,16 +121,24 @@ class _Mask:
         self.kept = (torch.empty(shape[0], (per_row + 7) // 8, dtype=torch.uint8) if device.type == "cpu"
                      else torch.empty(shape, dtype=torch.uint8, device=device))
 
-    def draw(self, start: int, stop: int) -> torch.Tensor:
+    def draw(self, start: int, stop: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` as 0/1 uint8 (an in-place multiply by uint8 is the fastest way to
-        apply a mask on CPU), recorded for backward."""
-        keep = self.stream.rows(start, stop).view(torch.uint8)
+        apply a mask on CPU), recorded for backward. ``scratch``: a bool buffer the rows may be
+        written into on CPU (valid until the next draw into it)."""
+        if self.kept.device.type != "cpu":
+            scratch = None
+        keep = self.stream.rows(start, stop, out=scratch).view(torch.uint8)
         if self.kept.device.type == "cpu":
             bits = np.packbits(keep.reshape(stop - start, -1).numpy(), axis=1, bitorder="little")
             self.kept[start:stop] = torch.from_numpy(bits)
         else:
             self.kept[start:stop] = keep
         return keep
+
+
+def _mask_scratch(entries: int, device: torch.device) -> list[torch.Tensor]:
+    """A reused bool buffer of ``entries`` for :meth:`_Mask.draw` on CPU, as a list (empty elsewhere)."""
+    return [BUFFERS.take((entries,), _BOOL)] if device.type == "cpu" else []
 
 
 def _masks(shapes: list[tuple[int, ...]], p: float, device: torch.device) -> list[_Mask | None]:
@@ -162,12 +172,15 @@ class _DropoutAttention(torch.autograd.Function):
         d = three_d // 3
         (mask,) = _masks([(b, n_heads, n, n)], p, qkv.device)
         attended = qkv.new_empty(b, n, n_heads, d // n_heads)
-        for start, stop in _attention_chunks(b, n_heads, n, qkv.device):
+        chunks = _attention_chunks(b, n_heads, n, qkv.device)
+        scratch = _mask_scratch((chunks[0][1] - chunks[0][0]) * n_heads * n * n, qkv.device) if mask is not None else []
+        for start, stop in chunks:
             q_scaled, k, v = _chunk_heads(qkv, n_heads, start, stop)
             weights = torch.softmax(torch.matmul(q_scaled, k.transpose(-2, -1)), dim=-1)
             if mask is not None:
-                weights.mul_(mask.draw(start, stop))
+                weights.mul_(mask.draw(start, stop, *scratch))
             attended[start:stop] = torch.matmul(weights, v).transpose(1, 2)
+        BUFFERS.give(*scratch)
         if p > 0.0:
             attended.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(qkv, _kept(mask))
@@ -233,36 +246,45 @@ def _tail_parameters(norm1: nn.LayerNorm, blocks: nn.Sequential, norm2: nn.Layer
 
 
 class _LayerTail(torch.autograd.Function):
-    """``z [B, N, D]`` -> ``norm2(x + blocks(x))``, ``x = norm1(z)``. ``params`` in the order of
+    """``(r, a) [B, N, D]`` -> ``norm2(x + blocks(x))``, ``x = norm1(z)``, ``z = r + dropout(a)``
+    (r: the layer's input, a: its attention output). ``params`` in the order of
     :func:`_tail_parameters`; ``eps`` one per LayerNorm, in the same order; ``save``: keep what
     backward needs (off for inference, where the per-block buffers shrink to one chunk).
 
-    Kept for backward, per block i: ``block_in[i]`` (the block's LayerNorm input), both masks
-    (as bits on CPU) and, for ``i >= RECOMPUTED_PRE_GELU``, ``pre_gelu[i]`` (h = W1 u + b1); plus
-    z and every LayerNorm's mean and 1/std.
+    Kept for backward: z, and per block i ``block_in[i]`` (the block's LayerNorm input), both
+    masks (as bits on CPU) and, for ``i >= RECOMPUTED_PRE_GELU``, ``pre_gelu[i]``
+    (h = W1 u + b1); plus the residual dropout's mask and every LayerNorm's mean and 1/std.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, p: float, eps: tuple[float, ...], save: bool,  # type: ignore[override]
-                *params: torch.Tensor):
-        shape, d = z.shape, z.shape[-1]
-        z = z.reshape(-1, d)
-        rows, n_blocks, d_ff = z.shape[0], (len(params) - 4) // 6, params[2].shape[0]
+    def forward(ctx, residual: torch.Tensor, attended: torch.Tensor, p: float,  # type: ignore[override]
+                eps: tuple[float, ...], save: bool, *params: torch.Tensor):
+        shape, d = residual.shape, residual.shape[-1]
+        residual, attended = residual.reshape(-1, d), attended.reshape(-1, d)
+        rows, n_blocks, d_ff = residual.shape[0], (len(params) - 4) // 6, params[2].shape[0]
         scale = 1.0 / (1.0 - p)
-        masks = _masks([(rows, d_ff), (rows, d)] * n_blocks, p, z.device)  # the module path's order
-        mask1, mask2 = masks[0::2], masks[1::2]
+        # The module path's order: the residual dropout, then each block's two.
+        masks = _masks([(rows, d)] + [(rows, d_ff), (rows, d)] * n_blocks, p, residual.device)
+        mask_z, mask1, mask2 = masks[0], masks[1::2], masks[2::2]
         chunk = min(rows, TAIL_ROWS)
         kept_rows = rows if save else chunk
         recomputed = min(RECOMPUTED_PRE_GELU, n_blocks) if save else n_blocks  # pre-GELU not kept
-        pre_gelu = [BUFFERS.take((chunk if i < recomputed else rows, d_ff), z) for i in range(n_blocks)]
-        block_in = [BUFFERS.take((kept_rows, d), z) for _ in range(n_blocks)]
-        stats = BUFFERS.take((2 + n_blocks, 2, rows, 1), z)  # (norm1, blocks..., norm2) x (mean, 1/std)
-        out = torch.empty_like(z)
-        activation, projected = BUFFERS.take((chunk, d_ff), z), BUFFERS.take((chunk, d), z)
-        for start, stop in _chunks(rows, TAIL_ROWS, z.device):
-            here = slice(start, stop) if save else slice(0, stop - start)  # rows of block_in
+        pre_gelu = [BUFFERS.take((chunk if i < recomputed else rows, d_ff), residual) for i in range(n_blocks)]
+        z, *block_in = (BUFFERS.take((kept_rows, d), residual) for _ in range(1 + n_blocks))
+        stats = BUFFERS.take((2 + n_blocks, 2, rows, 1), residual)  # (norm1, blocks..., norm2) x (mean, 1/std)
+        out = torch.empty_like(residual)
+        activation, projected = BUFFERS.take((chunk, d_ff), residual), BUFFERS.take((chunk, d), residual)
+        scratch = _mask_scratch(chunk * max(d, d_ff), residual.device)
+        for start, stop in _chunks(rows, TAIL_ROWS, residual.device):
+            here = slice(start, stop) if save else slice(0, stop - start)  # rows of z and block_in
+            zc = z[here]
+            if mask_z is None:
+                torch.add(residual[start:stop], attended[start:stop], out=zc)
+            else:
+                zc.copy_(attended[start:stop]).mul_(mask_z.draw(start, stop, *scratch))
+                torch.add(residual[start:stop], zc, alpha=scale, out=zc)
             x, stats[0, 0, start:stop], stats[0, 1, start:stop] = torch.native_layer_norm(
-                z[start:stop], (d,), params[0], params[1], eps[0])
+                zc, (d,), params[0], params[1], eps[0])
             u = x
             for i in range(n_blocks):
                 w1, b1, w2, b2, gamma, beta = params[2 + 6 * i: 8 + 6 * i]
@@ -271,19 +293,19 @@ class _LayerTail(torch.autograd.Function):
                 torch.addmm(b1, u, w1.t(), out=h)
                 _gelu_out(h, out=a)
                 if mask1[i] is not None:
-                    a.mul_(mask1[i].draw(start, stop))
+                    a.mul_(mask1[i].draw(start, stop, *scratch))
                 # dropout(W2 (a * scale) + b2) = keep2 * scale * (b2 + scale * W2 a)
                 torch.addmm(b2, a, w2.t(), beta=scale, alpha=scale * scale, out=y)
                 if mask2[i] is not None:
-                    y.mul_(mask2[i].draw(start, stop))
+                    y.mul_(mask2[i].draw(start, stop, *scratch))
                 torch.add(y, u, out=block_in[i][here])
                 u, stats[1 + i, 0, start:stop], stats[1 + i, 1, start:stop] = torch.native_layer_norm(
                     block_in[i][here], (d,), gamma, beta, eps[1 + i])
             out[start:stop], stats[-1, 0, start:stop], stats[-1, 1, start:stop] = torch.native_layer_norm(
                 x.add_(u), (d,), params[-2], params[-1], eps[-1])
-        BUFFERS.give(activation, projected, *pre_gelu[:recomputed])
+        BUFFERS.give(activation, projected, *scratch, *pre_gelu[:recomputed])
         if not save:
-            BUFFERS.give(*block_in, stats)
+            BUFFERS.give(z, *block_in, stats)
         else:
             ctx.save_for_backward(z, stats, *pre_gelu[recomputed:], *block_in, *(_kept(m) for m in masks), *params)
             ctx.p, ctx.eps, ctx.n_blocks, ctx.shape, ctx.recomputed = p, eps, n_blocks, shape, recomputed
@@ -295,7 +317,8 @@ class _LayerTail(torch.autograd.Function):
         n_blocks, eps, p, d, recomputed = ctx.n_blocks, ctx.eps, ctx.p, ctx.shape[-1], ctx.recomputed
         z, stats, *rest = ctx.saved_tensors
         pre_gelu_kept, rest = rest[: n_blocks - recomputed], rest[n_blocks - recomputed:]
-        block_in, kept_masks, params = rest[:n_blocks], rest[n_blocks: 3 * n_blocks], rest[3 * n_blocks:]
+        block_in, params = rest[:n_blocks], rest[3 * n_blocks + 1:]
+        kept_z, *kept_masks = rest[n_blocks: 3 * n_blocks + 1]
         kept1, kept2 = kept_masks[0::2], kept_masks[1::2]
         rows, d_ff, scale = z.shape[0], params[2].shape[0], 1.0 / (1.0 - p)
         shape1, shape2 = torch.Size((rows, d_ff)), torch.Size((rows, d))
@@ -303,7 +326,7 @@ class _LayerTail(torch.autograd.Function):
         # Gradients of every parameter, summed over chunks (W2 and b2 scaled at the end).
         param_grads = [torch.zeros_like(t) for t in params]
         w2_scaled = [params[4 + 6 * i] * (scale * scale) for i in range(n_blocks)]
-        grad_z = torch.empty_like(z)
+        grad_residual, grad_attended = torch.empty_like(z), torch.empty_like(z)
         chunk = min(rows, TAIL_ROWS)
         activation, grad_activation, grad_pre, pre = (BUFFERS.take((chunk, d_ff), z) for _ in range(4))
         grad_projected = BUFFERS.take((chunk, d), z)
@@ -352,24 +375,31 @@ class _LayerTail(torch.autograd.Function):
                 param_grads[o + 1].add_(grad_h.sum(0))
                 param_grads[o].addmm_(grad_h.t(), block_inputs[i])
                 grad_u = grad_in.addmm_(grad_h, params[o])  # residual path + the path through W1
-            grad_z[start:stop], *norm1_grads = _layer_norm_backward(
+            grad_z, *norm1_grads = _layer_norm_backward(
                 grad_u.add_(grad_outer), z[start:stop], (d,), mean_rstd[0, 0], mean_rstd[0, 1],
                 params[0], params[1], lnorm_mask)
             accumulate(0, norm1_grads)
+            grad_residual[start:stop] = grad_z  # z = r + keep * scale * a
+            keep_z = _unpack(kept_z, start, stop, shape2, z.dtype)
+            if keep_z is None:
+                grad_attended[start:stop] = grad_z
+            else:
+                torch.mul(grad_z.mul_(scale), keep_z, out=grad_attended[start:stop])
         BUFFERS.give(activation, grad_activation, grad_pre, pre, grad_projected)
         if _graph_is_freed_after_this_backward():
-            BUFFERS.give(*pre_gelu_kept, *block_in, stats)
+            BUFFERS.give(z, *pre_gelu_kept, *block_in, stats)
         for i in range(n_blocks):  # y = keep2 * scale * (b2 + scale * W2 a)
             param_grads[4 + 6 * i].mul_(scale * scale)
             param_grads[5 + 6 * i].mul_(scale)
-        return (grad_z.view(ctx.shape), None, None, None, *param_grads)
+        return (grad_residual.view(ctx.shape), grad_attended.view(ctx.shape), None, None, None, *param_grads)
 
 
-def layer_tail(z: torch.Tensor, norm1: nn.LayerNorm, blocks: nn.Sequential, norm2: nn.LayerNorm,
-               p: float) -> torch.Tensor:
-    """``norm2(x + blocks(x))`` with ``x = norm1(z)`` and dropout ``p`` inside the blocks (the
-    same function as ``CardioformerLayer``'s norm1 + ``pointwise``, lean in memory)."""
+def layer_tail(residual: torch.Tensor, attended: torch.Tensor, norm1: nn.LayerNorm, blocks: nn.Sequential,
+               norm2: nn.LayerNorm, p: float) -> torch.Tensor:
+    """``norm2(x + blocks(x))`` with ``x = norm1(residual + dropout(attended))`` and dropout ``p``
+    inside the blocks too (the same function as ``CardioformerLayer``'s residual dropout, norm1
+    and ``pointwise``, lean in memory)."""
     eps = (norm1.eps, *(block.norm.eps for block in blocks), norm2.eps)
     params = _tail_parameters(norm1, blocks, norm2)
-    save = torch.is_grad_enabled() and (z.requires_grad or any(t.requires_grad for t in params))
-    return _LayerTail.apply(z.contiguous(), p, eps, save, *params)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (residual, attended, *params))
+    return _LayerTail.apply(residual.contiguous(), attended.contiguous(), p, eps, save, *params)
