@@ -35,6 +35,7 @@ def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
 
 
 _KEEP_FROM = 32768  # a 16-bit draw d is kept when d >= round(p * 65536) - _KEEP_FROM
+_INT16_MAX = 32767  # a threshold above it keeps nothing (torch would wrap 32768 to -32768)
 
 
 def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -70,7 +71,9 @@ class KeepMaskStream:
         else:
             n = math.prod(self.shape)
             words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-            self._whole = words.view(torch.int16)[:n].view(self.shape) >= self._threshold
+            self._whole = words.view(torch.int16)[:n].view(self.shape) >= min(self._threshold, _INT16_MAX)
+            if self._threshold > _INT16_MAX:  # p within 1/131072 of 1: nothing is kept
+                self._whole.fill_(False)
 
     def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean keep mask of rows ``start:stop`` (``start`` must be where the last call stopped).
@@ -92,7 +95,7 @@ class KeepMaskStream:
             draws = np.concatenate((self._carry, words)) if len(self._carry) else words
         self._carry = draws[n:]
         keep = torch.empty(n, dtype=torch.bool) if out is None else out.view(-1)[:n]
-        if self._threshold > np.iinfo(np.int16).max:  # p within 1/131072 of 1: nothing is kept
+        if self._threshold > _INT16_MAX:  # p within 1/131072 of 1: nothing is kept
             keep.fill_(False)
         else:  # numpy's compare is several times faster here than torch's (no vectorised int16 path)
             np.greater_equal(draws[:n], self._threshold, out=keep.numpy())
