@@ -84,8 +84,10 @@ class _BufferPool:
         free = self._free.get((tuple(shape), like.dtype, like.device))
         return free.pop() if free else like.new_empty(shape)
 
-    def give(self, *tensors: torch.Tensor) -> None:
+    def give(self, *tensors: torch.Tensor | None) -> None:
         for tensor in tensors:
+            if tensor is None:
+                continue
             free = self._free.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), [])
             if len(free) < self.max_per_shape:
                 free.append(tensor)
@@ -125,8 +127,6 @@ class _Mask:
         """Rows ``start:stop`` as 0/1 uint8 (an in-place multiply by uint8 is the fastest way to
         apply a mask on CPU), recorded for backward. ``scratch``: a bool buffer the rows may be
         written into on CPU (valid until the next draw into it)."""
-        if self.kept.device.type != "cpu":
-            scratch = None
         keep = self.stream.rows(start, stop, out=scratch).view(torch.uint8)
         if self.kept.device.type == "cpu":
             bits = np.packbits(keep.reshape(stop - start, -1).numpy(), axis=1, bitorder="little")
@@ -136,9 +136,9 @@ class _Mask:
         return keep
 
 
-def _mask_scratch(entries: int, device: torch.device) -> list[torch.Tensor]:
-    """A reused bool buffer of ``entries`` for :meth:`_Mask.draw` on CPU, as a list (empty elsewhere)."""
-    return [BUFFERS.take((entries,), _BOOL)] if device.type == "cpu" else []
+def _mask_scratch(entries: int, device: torch.device) -> torch.Tensor | None:
+    """A reused bool buffer of ``entries`` for :meth:`_Mask.draw` on CPU (``None`` elsewhere)."""
+    return BUFFERS.take((entries,), _BOOL) if device.type == "cpu" else None
 
 
 def _masks(shapes: list[tuple[int, ...]], p: float, device: torch.device) -> list[_Mask | None]:
@@ -173,14 +173,15 @@ class _DropoutAttention(torch.autograd.Function):
         (mask,) = _masks([(b, n_heads, n, n)], p, qkv.device)
         attended = qkv.new_empty(b, n, n_heads, d // n_heads)
         chunks = _attention_chunks(b, n_heads, n, qkv.device)
-        scratch = _mask_scratch((chunks[0][1] - chunks[0][0]) * n_heads * n * n, qkv.device) if mask is not None else []
+        largest = (chunks[0][1] - chunks[0][0]) * n_heads * n * n  # entries of the first (a full) chunk
+        scratch = _mask_scratch(largest, qkv.device) if mask is not None else None
         for start, stop in chunks:
             q_scaled, k, v = _chunk_heads(qkv, n_heads, start, stop)
             weights = torch.softmax(torch.matmul(q_scaled, k.transpose(-2, -1)), dim=-1)
             if mask is not None:
-                weights.mul_(mask.draw(start, stop, *scratch))
+                weights.mul_(mask.draw(start, stop, scratch))
             attended[start:stop] = torch.matmul(weights, v).transpose(1, 2)
-        BUFFERS.give(*scratch)
+        BUFFERS.give(scratch)
         if p > 0.0:
             attended.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(qkv, _kept(mask))
@@ -281,7 +282,7 @@ class _LayerTail(torch.autograd.Function):
             if mask_z is None:
                 torch.add(residual[start:stop], attended[start:stop], out=zc)
             else:
-                zc.copy_(attended[start:stop]).mul_(mask_z.draw(start, stop, *scratch))
+                zc.copy_(attended[start:stop]).mul_(mask_z.draw(start, stop, scratch))
                 torch.add(residual[start:stop], zc, alpha=scale, out=zc)
             x, stats[0, 0, start:stop], stats[0, 1, start:stop] = torch.native_layer_norm(
                 zc, (d,), params[0], params[1], eps[0])
@@ -293,17 +294,17 @@ class _LayerTail(torch.autograd.Function):
                 torch.addmm(b1, u, w1.t(), out=h)
                 _gelu_out(h, out=a)
                 if mask1[i] is not None:
-                    a.mul_(mask1[i].draw(start, stop, *scratch))
+                    a.mul_(mask1[i].draw(start, stop, scratch))
                 # dropout(W2 (a * scale) + b2) = keep2 * scale * (b2 + scale * W2 a)
                 torch.addmm(b2, a, w2.t(), beta=scale, alpha=scale * scale, out=y)
                 if mask2[i] is not None:
-                    y.mul_(mask2[i].draw(start, stop, *scratch))
+                    y.mul_(mask2[i].draw(start, stop, scratch))
                 torch.add(y, u, out=block_in[i][here])
                 u, stats[1 + i, 0, start:stop], stats[1 + i, 1, start:stop] = torch.native_layer_norm(
                     block_in[i][here], (d,), gamma, beta, eps[1 + i])
             out[start:stop], stats[-1, 0, start:stop], stats[-1, 1, start:stop] = torch.native_layer_norm(
                 x.add_(u), (d,), params[-2], params[-1], eps[-1])
-        BUFFERS.give(activation, projected, *scratch, *pre_gelu[:recomputed])
+        BUFFERS.give(activation, projected, scratch, *pre_gelu[:recomputed])
         if not save:
             BUFFERS.give(z, *block_in, stats)
         else:
