@@ -66,9 +66,9 @@ def main() -> int:
     if args.no_mask_draws:
         draw, cache = common.KeepMaskStream.rows, {}
 
-        def cached_rows(stream, start, stop):
+        def cached_rows(stream, start, stop, out=None):
             key = (tuple(stream.shape), start, stop)
-            if key not in cache:
+            if key not in cache:  # drawn into a tensor of its own: ``out`` is a reused scratch buffer
                 cache[key] = draw(stream, start, stop)
             stream._next_row = stop
             return cache[key]

@@ -7,6 +7,7 @@ This prints, for that many entries in chunks of 2,048 x 256 (the layer tail's ch
 * ``torch_bernoulli_float``: ``torch.empty(...).bernoulli_(1 - p)`` on float32, what
   ``nn.Dropout`` draws (the released code's dropout);
 * ``sfc64_words``: numpy SFC64 64-bit words, four 16-bit draws each (``KeepMaskStream``);
+* ``torch_words``: as many 64-bit words from torch's CPU generator (``random_`` on int64);
 * ``compare_numpy`` / ``compare_torch``: turning the 16-bit draws into a bool mask with numpy
   (what ``KeepMaskStream.rows`` does) or with torch's ``>=``;
 * ``packbits`` / ``unpackbits``: keeping the mask as bits for backward and reading it back
@@ -44,11 +45,12 @@ def main() -> int:
     threshold = round(0.1 * 65536) - 32768
     keep = np.empty(ROWS * COLS, np.bool_)
     bits = np.packbits(keep.reshape(ROWS, COLS), axis=1, bitorder="little")
-    floats = torch.empty(ROWS, COLS)
+    floats, words = torch.empty(ROWS, COLS), torch.empty(ROWS * COLS // 4, dtype=torch.int64)
     keep_bytes = torch.from_numpy(keep).view(torch.uint8).view(ROWS, COLS)
     steps = {
         "torch_bernoulli_float": lambda: floats.bernoulli_(0.9),
         "sfc64_words": lambda: generator.random_raw(ROWS * COLS // 4),
+        "torch_words": lambda: words.random_(),
         "compare_numpy": lambda: np.greater_equal(draws, threshold, out=keep),
         "compare_torch": lambda: torch.from_numpy(draws) >= threshold,
         "packbits": lambda: np.packbits(keep.reshape(ROWS, COLS), axis=1, bitorder="little"),

@@ -115,7 +115,7 @@ def _chunks(total: int, per_chunk: int, device: torch.device):
 class _Mask:
     """One dropout mask of a kernel, drawn chunk by chunk in forward (``KeepMaskStream``: the
     draws ``dropout_keep_mask`` would make, so the module path's mask) and kept for backward as
-    bits on CPU (``numpy.packbits``, about 0.1 ms per million entries), as bytes elsewhere."""
+    bits on CPU (``numpy.packbits``, about 0.04 ms per million entries), as bytes elsewhere."""
 
     def __init__(self, shape: tuple[int, ...], p: float, device: torch.device):
         self.stream = KeepMaskStream(shape, p, device)
