@@ -1,4 +1,4 @@
-"""The Flower ClientApp: one hospital site. Messages in, ``client.site`` calls, messages out.
+"""The Flower ClientApp: one hospital site. Messages in, ``shared.federation.site_training`` calls, messages out.
 
 Node config (deployment): ``site`` and ``data`` (the site's prepared cache). Simulation: the
 node's ``partition-id`` indexes the run config's ``sites`` list and the cache comes from the run
@@ -27,9 +27,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import ensure_cache, is_synthetic_cache, resolve_site
-from client.site import evaluate_site, train_site
-from server.config import load_run_config
+from shared.federation.site_data import ensure_cache, is_synthetic_cache, resolve_site
+from shared.federation.site_training import evaluate_site, train_site
+from shared.federation.run_config import load_run_config
 
 app = ClientApp()
 

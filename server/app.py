@@ -1,14 +1,14 @@
 """The Flower ServerApp: validates the run config, then runs ``server.loop.run_server``.
 
 Run config keys: ``simulations/four_sites/pyproject.toml`` (``[tool.flwr.app.config]``) and
-``server/config.py``. A bad value stops the run here, before any node trains, and the run ends
+``shared/federation/run_config.py``. A bad value stops the run here, before any node trains, and the run ends
 as failed (``flwr ls`` shows ``finished:failed``; ``python -m simulations.run`` exits non-zero).
 """
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.config import load_run_config
+from shared.federation.run_config import load_run_config
 from server.loop import run_server
 
 app = ServerApp()

@@ -18,9 +18,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from omegaconf import DictConfig
 
-from client.data import ensure_cache
-from client.site import new_model
-from server.config import ConfigError, cache_root, site_cache_setting
+from shared.federation.site_data import ensure_cache
+from shared.federation.site_training import new_model
+from shared.federation.run_config import ConfigError, cache_root, site_cache_setting
 from server.guard import FAILURES_CSV
 from server.rounds import CHECKPOINT, ROUNDS_CSV, RoundEnd, RoundLog
 from server.strategies import build_strategy

@@ -23,8 +23,8 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from omegaconf import DictConfig
 
-from client.site import evaluate_site, new_model
-from server.config import input_samples, plain
+from shared.federation.site_training import evaluate_site, new_model
+from shared.federation.run_config import input_samples, plain
 from server.strategies import SiteTracking
 from shared.data.cache import open_cache
 from shared.metrics import masked_macro_auroc

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomli
 
-from server.config import ConfigError, load_run_config
+from shared.federation.run_config import ConfigError, load_run_config
 from simulations.federation import DEFAULT_APP_DIR, FederationError, run_federation
 
 

@@ -13,10 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 import client.app as client_app
-from client.data import resolve_site
-from client.site import new_model
+from shared.federation.site_data import resolve_site
+from shared.federation.site_training import new_model
 from flower_shim import InProcessGrid, make_context, make_message, server_task_identity
-from server.config import ConfigError, load_run_config
+from shared.federation.run_config import ConfigError, load_run_config
 from server.loop import run_server
 from server.strategies import build_strategy
 from shared.training import load_checkpoint, load_model, predict_record
@@ -73,7 +73,7 @@ def test_default_app_config_validates_and_names_four_sites():
 
     app = Path(__file__).resolve().parents[1] / "simulations" / "four_sites" / "pyproject.toml"
     data = tomllib.loads(app.read_text())
-    from server.config import DEFAULTS
+    from shared.federation.run_config import DEFAULTS
 
     assert data["tool"]["flwr"]["app"]["config"] == DEFAULTS  # one set of defaults, two copies in sync
     cfg = load_run_config(data["tool"]["flwr"]["app"]["config"])

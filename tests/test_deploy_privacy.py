@@ -15,10 +15,10 @@ import pytest
 from flwr.app import Message
 
 import client.app as client_app
-from client.site import new_model
+from shared.federation.site_training import new_model
 from deploy_harness import make_caches
 from flower_shim import make_context, make_message, server_task_identity
-from server.config import load_run_config
+from shared.federation.run_config import load_run_config
 from server.loop import run_server
 
 SITES = ("ptb", "ptbxl")

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord
 
-from client.data import ensure_cache
-from client.site import evaluate_site, new_model, train_site
-from server.config import load_run_config
+from shared.federation.site_data import ensure_cache
+from shared.federation.site_training import evaluate_site, new_model, train_site
+from shared.federation.run_config import load_run_config
 from simulations.federation import DEFAULT_APP_DIR, run_federation
 
 ROUND_LINE = re.compile(r"^round (\d+)/\d+ .*\| ([0-9.]+) s\s*$", re.M)

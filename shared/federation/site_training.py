@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from server.config import dp_config_dict, input_samples
+from shared.federation.run_config import dp_config_dict, input_samples
 from shared.data.loader import WindowDataset
 from shared.models import build_model
 from shared.training import DPConfig, EvalResult, TrainConfig, TrainResult, evaluate_model, train_local

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from server.config import ConfigError, cache_root, site_cache_setting, synthetic_records
+from shared.federation.run_config import ConfigError, cache_root, site_cache_setting, synthetic_records
 from shared.data.cache import open_cache
 from shared.data.record import SITES
 
