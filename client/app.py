@@ -1,15 +1,21 @@
-"""The Flower ClientApp: one hospital site. Messages in, ``shared.federation.site_training`` calls, messages out.
+"""The Flower ClientApp: a hospital site. Messages in, ``shared.federation.site_training`` calls,
+messages out.
 
-Node config (deployment): ``site`` and ``data`` (the site's prepared cache). Simulation: the
-node's ``partition-id`` indexes the run config's ``sites`` list and the cache comes from the run
-config (``cache-<site>``, '' = the embedded synthetic data, generated on first use).
+Every train/evaluate message names the site it is for (``config["site"]``), chosen by the
+server from what each node answered to its query:
 
-State kept between rounds in ``context.state`` (each round may run in a fresh process):
-``dp-state`` (ConfigRecord: the Opacus accountant history, so epsilon is cumulative) and
-``site-local`` (ArrayRecord: the site's own values of the model's site-local parameters, e.g.
-BatchNorm statistics kept local as in FedBN; run config ``site-local = false`` turns this off).
-``context.state`` lasts one run: after a ``resume`` the site-local values restart from the
-global model's.
+* query -> ``ConfigRecord({"sites": ...})``: the site this node is bound to (deployment: node
+  config ``site`` and ``data``, the site's prepared cache), or ``*`` (simulation: a node with only
+  a ``partition-id`` may play any site of the run config's ``sites``, with the cache from the run
+  config, ``cache-<site>``, '' = the embedded synthetic data generated on first use);
+* a message for a site this node may not play gets an error reply ``refused: ...`` that the
+  server records in ``failures.csv``; nothing is trained.
+
+State kept between rounds in ``context.state``, per site (one simulated node may play several):
+``dp-state/<site>`` (ConfigRecord: the Opacus accountant history, so epsilon is cumulative) and
+``site-local/<site>`` (ArrayRecord: the site's own values of the model's site-local parameters,
+e.g. BatchNorm statistics kept local as in FedBN; run config ``site-local = false`` turns this
+off). ``context.state`` lasts one run: after a ``resume`` they restart.
 
 Train reply: ``arrays`` (the locally trained weights) and ``metrics`` with ``num-examples``,
 ``train-loss``, ``steps``, ``epsilon``/``delta`` (cumulative; -1 when DP is off) and
@@ -24,34 +30,48 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from shared.federation.site_data import ensure_cache, is_synthetic_cache, resolve_site
-from shared.federation.site_training import evaluate_site, train_site
+from shared.federation.quiet import quiet_third_party_warnings
 from shared.federation.run_config import load_run_config
+from shared.federation.site_data import SiteRefused, ensure_cache, is_synthetic_cache, playable_sites, resolve_site
+from shared.federation.site_training import evaluate_site, train_site
+
+# Error code of a refusal (Flower's "ClientApp raised an exception" code; the reason says why).
+REFUSED_CODE = 2
 
 app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which site(s) this node may play: its bound site, or ``*`` (any site of the run)."""
+    return Message(content=RecordDict({"node": ConfigRecord({"sites": playable_sites(context.node_config)})}),
+                   reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
-    site, setting = resolve_site(context.node_config, cfg)
-    cache = ensure_cache(site, setting, cfg)
+    quiet_third_party_warnings(bool(cfg.verbose))
     config = msg.content["config"]
+    try:
+        site, setting = resolve_site(context.node_config, cfg, str(config.get("site", "")))
+    except SiteRefused as exc:
+        return _refusal(msg, exc)
+    cache = ensure_cache(site, setting, cfg)
     server_round = int(config["server-round"])  # absolute, also after a resume
-    dp_state = _dp_state(context)
     outcome = train_site(
         cfg, cache, site, server_round, msg.content["arrays"].to_torch_state_dict(),
-        dp_state=dp_state, site_local=_site_local(context),
+        dp_state=_state_config(context, f"dp-state/{site}"), site_local=_site_local(context, cfg, site),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
     result = outcome.result
     if result.dp_state is not None:
-        context.state["dp-state"] = ConfigRecord(dict(result.dp_state))
+        context.state[f"dp-state/{site}"] = ConfigRecord(dict(result.dp_state))
     if outcome.site_local:
-        context.state["site-local"] = ArrayRecord(outcome.site_local)
+        context.state[f"site-local/{site}"] = ArrayRecord(outcome.site_local)
     exhausted = result.skipped_reason is not None
     if exhausted:
         print(f"site {site}: not training this round: {result.skipped_reason}", flush=True)
@@ -74,9 +94,13 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
-    site, setting = resolve_site(context.node_config, cfg)
+    quiet_third_party_warnings(bool(cfg.verbose))
+    try:
+        site, setting = resolve_site(context.node_config, cfg, str(msg.content["config"].get("site", "")))
+    except SiteRefused as exc:
+        return _refusal(msg, exc)
     cache = ensure_cache(site, setting, cfg)
-    result = evaluate_site(cfg, cache, msg.content["arrays"].to_torch_state_dict(), _site_local(context))
+    result = evaluate_site(cfg, cache, msg.content["arrays"].to_torch_state_dict(), _site_local(context, cfg, site))
     metrics = MetricRecord({
         "num-examples": int(result.num_examples),
         "loss": float(result.loss),
@@ -88,14 +112,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _dp_state(context: Context) -> dict[str, Any] | None:
-    if "dp-state" not in context.state:
+def _refusal(msg: Message, exc: SiteRefused) -> Message:
+    print(f"refused a {msg.metadata.message_type} message: {exc}", flush=True)
+    return Message(Error(code=REFUSED_CODE, reason=f"refused: {exc}"), reply_to=msg)
+
+
+def _state_config(context: Context, key: str) -> dict[str, Any] | None:
+    return dict(context.state[key]) if key in context.state else None
+
+
+def _site_local(context: Context, cfg, site: str):
+    key = f"site-local/{site}"
+    if not cfg.site_local or key not in context.state:
         return None
-    return dict(context.state["dp-state"])
-
-
-def _site_local(context: Context):
-    if not context.run_config.get("site-local", True) or "site-local" not in context.state:
-        return None
-    return context.state["site-local"].to_torch_state_dict()
-
+    return context.state[key].to_torch_state_dict()

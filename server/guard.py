@@ -8,20 +8,21 @@ A reply is excluded when
 * an array holds NaN or +-inf, or its ``num-examples`` is not a finite number >= 0.
 
 A node that got the round's message but sent nothing back before the round ended is recorded
-too ("no reply"). Excluded replies never reach Flower's aggregation, so one broken site cannot
+too ("no reply"). A reply naming another site than the message it answers is excluded too.
+Excluded replies never reach Flower's aggregation, so one broken site cannot
 poison the global model; if every reply of a round is excluded, Flower keeps the previous global
 model (nothing already aggregated is lost).
 
 The record is ``failures.csv`` in the run's output dir (rewritten atomically after each round):
-``round, site, node_id, time_utc, reason``. ``site`` comes from the reply's ``site`` record, or
-from an earlier reply of the same node ('?' if the node never replied).
+``round, site, node_id, time_utc, reason``. ``site`` is the site the server's message was for
+(or, for messages sent without one, the site an earlier reply of that node named; '?' if none).
 
 How it plugs into a strategy (``server.strategies.SiteTracking``)::
 
     guard = ReplyGuard()
     # configure_train: remember what went out
     messages = list(super().configure_train(rnd, arrays, config, grid))
-    guard.sent(rnd, arrays, messages)
+    guard.sent(rnd, arrays, messages, sites)
     # aggregate_train: drop what must not be averaged
     replies = guard.screen(rnd, replies)
     guard.write(out_dir / FAILURES_CSV)
@@ -106,36 +107,43 @@ class ReplyGuard:
         self.exclusions: list[Exclusion] = []
         self.site_of_node: dict[int, str] = {}
         self._reference: dict[int, ArrayRecord] = {}
-        self._expected: dict[int, set[int]] = {}
-        self._sent: dict[int, list[Message]] = {}
+        self._sent: dict[int, list[tuple[Message, str | None]]] = {}
 
-    def sent(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message]) -> None:
-        """Keep the round's outgoing messages: the Grid stamps their ids when it pushes them."""
+    def sent(self, server_round: int, arrays: ArrayRecord, messages: Iterable[Message],
+             sites: Iterable[str] | None = None) -> None:
+        """Keep the round's outgoing messages (and the site each is for, when the server named
+        one): the Grid stamps their ids when it pushes them."""
+        messages = list(messages)
+        site_list = list(sites) if sites is not None else [None] * len(messages)
         self._reference[server_round] = arrays
-        self._sent[server_round] = list(messages)
-        self._expected[server_round] = {m.metadata.dst_node_id for m in self._sent[server_round]}
+        self._sent[server_round] = list(zip(messages, site_list))
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies fit for aggregation; every other one is recorded as an exclusion."""
         reference = self._reference.get(server_round)
-        node_of_message = {m.metadata.message_id: m.metadata.dst_node_id
-                           for m in self._sent.get(server_round, []) if m.metadata.message_id}
+        sent = {m.metadata.message_id: (m.metadata.dst_node_id, site)
+                for m, site in self._sent.get(server_round, []) if m.metadata.message_id}
         kept: list[Message] = []
-        answered: set[int] = set()
+        answered: set[str] = set()
         for msg in replies:
-            node = self._node_of(msg, node_of_message)
-            answered.add(node)
-            if not msg.has_error():
-                site = _site_name(msg)
-                if site:
-                    self.site_of_node[node] = site
+            node, site = sent.get(msg.metadata.reply_to_message_id, (None, None))
+            answered.add(msg.metadata.reply_to_message_id)
+            if node is None or not msg.has_error():
+                node = int(msg.metadata.src_node_id)  # an error the SuperLink raises comes from node 1
+            named = None if msg.has_error() else _site_name(msg)
+            site = site or named
+            if site and site == named:
+                self.site_of_node[node] = site
             reason = check_reply(msg, reference, self.weight_key)
+            if reason is None and named is not None and site != named:
+                reason = f"the reply names site {named!r}, the message was for site {site!r}"
             if reason is None:
                 kept.append(msg)
             else:
-                self._exclude(server_round, node, reason)
-        for node in sorted(self._expected.get(server_round, set()) - answered):
-            self._exclude(server_round, node, "no reply before the round ended")
+                self._exclude(server_round, node, reason, site)
+        for message_id, (node, site) in sent.items():
+            if message_id not in answered:
+                self._exclude(server_round, int(node), "no reply before the round ended", site)
         return kept
 
     def load(self, path: Path, up_to_round: int) -> None:
@@ -164,19 +172,9 @@ class ReplyGuard:
         tmp.write_text(buf.getvalue())
         os.replace(tmp, path)
 
-    @staticmethod
-    def _node_of(msg: Message, node_of_message: dict[str, int]) -> int:
-        """The node a reply is about. An error the SuperLink raises on a node's behalf (e.g.
-        'Node Unavailable') comes from the SuperLink itself (node id 1): the node is the
-        destination of the message it answers."""
-        sent_to = node_of_message.get(msg.metadata.reply_to_message_id)
-        if msg.has_error() and sent_to is not None:
-            return int(sent_to)
-        return int(msg.metadata.src_node_id)
-
-    def _exclude(self, server_round: int, node: int, reason: str) -> None:
+    def _exclude(self, server_round: int, node: int, reason: str, site: str | None = None) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        site = self.site_of_node.get(node, "?")
+        site = site or self.site_of_node.get(node, "?")
         self.exclusions.append(Exclusion(server_round, site, node, stamp, reason))
 
 

@@ -2,14 +2,14 @@
 ServerApp with Flower's ``Grid``; tests call it with a fake grid.
 
 Order: validate the config (done by the caller) -> output dir and, with ``resume``, the last
-checkpoint -> wait for one node per site (with a deadline) -> server-side copy of the test
-splits for the pooled-test AUROC (simulation; prepares the synthetic caches before round 1) ->
-``strategy.start`` with :class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
+checkpoint -> server-side copy of the test splits for the pooled-test AUROC (simulation;
+prepares the synthetic caches before round 1) -> round 0 (the initial model) -> a node for
+every site (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
+:class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from shared.federation.site_data import ensure_cache
 from shared.federation.site_training import new_model
 from shared.federation.run_config import ConfigError, cache_root, site_cache_setting
+from server.assignment import wait_for_sites
 from server.guard import FAILURES_CSV
 from server.rounds import CHECKPOINT, ROUNDS_CSV, RoundEnd, RoundLog
 from server.strategies import build_strategy
@@ -46,23 +47,6 @@ def resolve_out_dir(cfg: DictConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     dp = "-dp" if cfg.dp else ""
     return cache_root() / "runs" / f"{cfg.model}-{cfg.strategy}{dp}-seed{cfg.seed}-{stamp}"
-
-
-def wait_for_nodes(grid, needed: int, timeout: float, echo=print) -> list[int]:
-    """Node ids once ``needed`` nodes are connected; a clear error after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= needed:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} node(s) connected after {timeout:.0f} s, the run needs {needed} "
-                "(one per site). Simulation: run with --federation-config \"num-supernodes="
-                f"{needed}\" or once `python -m simulations.setup_flower` (see README). Deployment: "
-                "start one SuperNode per site."
-            )
-        time.sleep(0.5)
 
 
 def pooled_caches(cfg: DictConfig, echo=print) -> dict[str, Path] | None:
@@ -103,7 +87,6 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     echo(f"fed-ecg federation: model {cfg.model}/{cfg.preset}, strategy {cfg.strategy}, "
          f"sites {','.join(cfg.site_list)}, {total} rounds, dp {'on' if cfg.dp else 'off'}; output {out_dir}")
 
-    wait_for_nodes(grid, int(cfg.min_nodes), float(cfg.node_wait_timeout), echo)
     caches = pooled_caches(cfg, echo)
     strategy = build_strategy(cfg, round_offset=offset)
     strategy.load_optimizer_state(strategy_state)
@@ -111,14 +94,22 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     strategy.guard.load(strategy.failures_path, up_to_round=offset)
     round_end = RoundEnd(cfg, out_dir, strategy, total_rounds=total, round_offset=offset,
                          pooled_caches=caches, history=history, echo=echo)
+    # Round 0 (the initial model's pooled evaluation and checkpoint) before the nodes are asked:
+    # in simulation it overlaps the start of the simulated nodes.
+    round_end(0, ArrayRecord(state))
+    strategy.assignment = wait_for_sites(grid, list(cfg.site_list), int(cfg.min_nodes),
+                                         float(cfg.node_wait_timeout), echo)
+    echo(f"sites by node: {strategy.assignment.describe()}")
+    round_end.restart_clock()  # round 1's seconds count from here, not from round 0
     if offset < total:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - offset,
             timeout=float(cfg.round_timeout), train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             evaluate_fn=round_end,
         )
-    synthetic = all(round_end.site_synthetic.values()) if round_end.site_synthetic else not any(
-        site_cache_setting(cfg, s) for s in cfg.site_list)
+    # one synthetic site is enough to make the result synthetic
+    synthetic = any(round_end.site_synthetic.values()) if round_end.site_synthetic else any(
+        not site_cache_setting(cfg, s) for s in cfg.site_list)
     table = final_table(cfg, round_end.log, total, synthetic=synthetic,
                         pooled_note=POOLED_NOTE if round_end.pooled_caches else None)
     text = render(table)

@@ -110,6 +110,7 @@ class RoundEnd:
         self.data_config = data_config(cfg, first)
         self.t_last = time.monotonic()
         self.final_arrays: ArrayRecord | None = None
+        self.round0: tuple[MetricRecord | None] | None = None  # (result,) once round 0 ran
         self.site_synthetic: dict[str, bool] = {}
         self.server_synthetic = {s: bool(open_cache(c).synthetic) for s, c in (pooled_caches or {}).items()}
 
@@ -117,6 +118,8 @@ class RoundEnd:
         rnd = server_round + self.offset
         if server_round == 0 and self.offset > 0:
             return None  # resumed: round `offset` was evaluated and saved by the earlier run
+        if server_round == 0 and self.round0 is not None:
+            return self.round0[0]  # evaluated before the strategy started
         state = arrays.to_torch_state_dict()
         if server_round > 0:
             if not self.strategy.last_train:
@@ -132,7 +135,13 @@ class RoundEnd:
         )
         self.final_arrays = arrays
         self.echo(self._line(rnd))
-        return MetricRecord({"pooled-auroc-macro": pooled}) if pooled is not None else None
+        result = MetricRecord({"pooled-auroc-macro": pooled}) if pooled is not None else None
+        if server_round == 0:
+            self.round0 = (result,)
+        return result
+
+    def restart_clock(self) -> None:
+        self.t_last = time.monotonic()
 
     # ------------------------------------------------------------------ pieces
     def _check_pooled_matches_sites(self) -> None:

@@ -6,6 +6,9 @@ replies' ``num-examples``. :func:`build_strategy` subclasses the chosen one to
 * keep each site's reply metrics (``last_train`` / ``last_eval``, keyed by site name) for the
   per-round line, ``rounds.csv`` and the final table, instead of Flower's weighted mean of
   metrics (a weighted mean of AUROCs is not a pooled AUROC);
+* send each sampled site's message to the node that plays it (:mod:`server.assignment`), with
+  the site named in the message's config, and file every reply under the site its message was
+  for;
 * leave out of the aggregate a site that did not train (``num-examples`` 0: DP budget spent);
 * screen every training reply with :class:`server.guard.ReplyGuard` (errors, NaN/inf, wrong
   array names or shapes are left out and recorded in ``failures.csv``);
@@ -17,7 +20,6 @@ replies' ``num-examples``. :func:`build_strategy` subclasses the chosen one to
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, Fed
 from flwr.serverapp.strategy.fedopt import FedOpt
 from omegaconf import DictConfig
 
+from server.assignment import SiteAssignment
 from server.guard import ReplyGuard
 
 BASES = {
@@ -41,18 +44,14 @@ BASES = {
 }
 
 
-def site_of(content: RecordDict) -> str:
-    record = content.config_records.get("site")
-    return str(record["site"]) if record is not None else "?"
-
-
 def per_site_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """``<site>/<metric>`` for every scalar metric of every reply (no averaging across sites)."""
     out = MetricRecord()
     for content in contents:
-        site = site_of(content)
-        for record in content.metric_records.values():
-            for key, value in record.items():
+        record = content.config_records.get("site")
+        site = str(record["site"]) if record is not None else "?"
+        for metrics in content.metric_records.values():
+            for key, value in metrics.items():
                 if key != weight_key and isinstance(value, (int, float)):
                     out[f"{site}/{key}"] = value
     return out
@@ -63,10 +62,22 @@ def _scalars(content: RecordDict) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float))}
 
 
+class _SitesAsNodes:
+    """What Flower's ``configure_*`` sees as the grid: one pseudo-node per site to serve, so its
+    sampling (``fraction-train``/``fraction-evaluate``) picks sites, and never waits."""
+
+    def __init__(self, sites: list[str]):
+        self.sites = sites
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(len(self.sites)))
+
+
 class SiteTracking:
     """Mixin over a Flower strategy; see the module docstring."""
 
     round_offset: int = 0
+    assignment: SiteAssignment | None = None
 
     def _init_tracking(self) -> None:
         self.last_train: dict[str, dict[str, Any]] = {}
@@ -74,16 +85,40 @@ class SiteTracking:
         # server/guard.py: replies unfit for aggregation are dropped and recorded here
         self.guard = ReplyGuard(weight_key=self.weighted_by_key)
         self.failures_path: Path | None = None
+        self._eval_sent: list[tuple[Message, str]] = []
+
+    def _per_site(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                  configure) -> tuple[list[Message], list[str]]:
+        """Flower's messages for the sampled sites, each sent to the node playing that site, with
+        the site named in its config."""
+        self.assignment.refresh(grid)
+        sites = self.assignment.served
+        if not sites:
+            print(f"round {server_round}: no node plays any site of this run", flush=True)
+            return [], []
+        messages, names = [], []
+        for msg in configure(server_round, arrays, config, _SitesAsNodes(sites)):
+            site = sites[msg.metadata.dst_node_id]
+            content = RecordDict(dict(msg.content.items()))
+            content[self.configrecord_key] = ConfigRecord({**msg.content[self.configrecord_key], "site": site})
+            messages.append(Message(content=content, dst_node_id=self.assignment.node_of_site[site],
+                                    message_type=msg.metadata.message_type))
+            names.append(site)
+        return messages, names
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
-        self.guard.sent(server_round + self.round_offset, arrays, messages)
+        rnd = server_round + self.round_offset
+        messages, sites = self._per_site(rnd, arrays, config, grid, super().configure_train)
+        self.guard.sent(rnd, arrays, messages, sites)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        rnd = server_round + self.round_offset
+        messages, sites = self._per_site(rnd, arrays, config, grid, super().configure_evaluate)
+        self._eval_sent = list(zip(messages, sites))
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         rnd = server_round + self.round_offset
@@ -96,22 +131,25 @@ class SiteTracking:
         self.last_train = {}
         trained = []
         for msg in replies:
-            if msg.has_error():
-                trained.append(msg)  # Flower logs and drops it
-                continue
             metrics = _scalars(msg.content)
-            metrics["skipped-reason"] = str(msg.content.config_records["site"]["skipped-reason"]) \
-                if "site" in msg.content.config_records else ""
-            self.last_train[site_of(msg.content)] = metrics
+            site_record = msg.content.config_records["site"]
+            metrics["skipped-reason"] = str(site_record.get("skipped-reason", ""))
+            self.last_train[str(site_record["site"])] = metrics
             if float(metrics.get(self.weighted_by_key, 0)) > 0:
                 trained.append(msg)
-        return super().aggregate_train(server_round + self.round_offset, trained)
+        return super().aggregate_train(rnd, trained)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        self.last_eval = {
-            site_of(m.content): _scalars(m.content) for m in replies if not m.has_error()
-        }
+        site_of_message = {m.metadata.message_id: site for m, site in self._eval_sent}
+        self.last_eval = {}
+        for msg in replies:
+            site = site_of_message.get(msg.metadata.reply_to_message_id)
+            if msg.has_error():
+                print(f"round {server_round + self.round_offset}: site {site or '?'} did not evaluate: "
+                      f"{msg.error.reason}", flush=True)
+            elif site is not None and str(msg.content.config_records["site"]["site"]) == site:
+                self.last_eval[site] = _scalars(msg.content)
         return super().aggregate_evaluate(server_round + self.round_offset, replies)
 
     # ----------------------------------------------------------- server optimiser state
@@ -135,14 +173,14 @@ def build_strategy(cfg: DictConfig, *, round_offset: int = 0) -> FedAvg:
     """The run config's strategy, sampling every site each round by default."""
     base = BASES[cfg.strategy]
     cls = type(f"Tracking{base.__name__}", (SiteTracking, base), {})
-    n_sites = len(cfg.site_list)
-    min_nodes = int(cfg.min_nodes)
+    # Flower samples among the sites that have a node (``_SitesAsNodes``): at least one site,
+    # never waiting for more (who waits for nodes, and how long, is server.assignment's job).
     common: dict[str, Any] = {
         "fraction_train": float(cfg.fraction_train),
         "fraction_evaluate": float(cfg.fraction_evaluate),
-        "min_train_nodes": max(1, math.ceil(float(cfg.fraction_train) * min(n_sites, min_nodes))),
-        "min_evaluate_nodes": max(1, math.ceil(float(cfg.fraction_evaluate) * min(n_sites, min_nodes))),
-        "min_available_nodes": min_nodes,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
         "train_metrics_aggr_fn": per_site_metrics,
         "evaluate_metrics_aggr_fn": per_site_metrics,
     }

@@ -44,26 +44,45 @@ def server_task_identity():
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
 
 
-class InProcessGrid:
-    """A Grid whose nodes are the ClientApp's train/evaluate functions called in this process.
+HANDLERS = {"train": client_app.train, "evaluate": client_app.evaluate, "query": client_app.query}
 
-    Node ``i`` (ids 101, 102, ...) is simulation partition ``i``; each keeps its ``Context`` (and
-    so its ``context.state``) for the grid's lifetime, like a node during one run.
+
+def deliver(msg: Message, context: Context) -> Message:
+    """Run the ClientApp function for ``msg`` as its node would, and return the reply.
+
+    The outgoing message gets the id its delivered copy carries (a real Grid stamps ids when it
+    pushes messages), so the server can match the reply to the message it answers.
+    """
+    delivered = make_message(msg.content, msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
+    msg.metadata.__dict__["_message_id"] = delivered.metadata.message_id
+    reply = HANDLERS[msg.metadata.message_type](delivered, context)
+    reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+    return reply
+
+
+class InProcessGrid:
+    """A Grid whose nodes are the ClientApp's functions called in this process.
+
+    ``n_nodes`` simulated nodes (ids 101, 102, ...; node config ``partition-id``), then one
+    deployed node per entry of ``node_configs`` (ids 201, 202, ...; e.g. ``{"site": "ptb",
+    "data": "/path"}``). Each keeps its ``Context`` (and so its ``context.state``) for the
+    grid's lifetime, like a node during one run. ``sent`` records every message delivered.
     """
 
-    def __init__(self, run_config: Mapping[str, Any], n_nodes: int):
+    def __init__(self, run_config: Mapping[str, Any], n_nodes: int = 0,
+                 node_configs: Iterable[Mapping[str, Any]] = ()):
         self.contexts = {
             101 + i: make_context({"partition-id": i, "num-partitions": n_nodes}, run_config, 101 + i)
             for i in range(n_nodes)
         }
+        for i, node_config in enumerate(node_configs):
+            self.contexts[201 + i] = make_context(node_config, run_config, 201 + i)
+        self.sent: list[Message] = []
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            delivered = make_message(msg.content, msg.metadata.message_type, dst_node_id=msg.metadata.dst_node_id)
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
-            replies.append(handler(delivered, self.contexts[msg.metadata.dst_node_id]))
-        return replies
+        messages = list(messages)
+        self.sent += messages
+        return [deliver(msg, self.contexts[msg.metadata.dst_node_id]) for msg in messages]

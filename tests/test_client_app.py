@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 import client.app as client_app
-from shared.federation.site_data import resolve_site
+from shared.federation.site_data import ANY_SITE, SiteRefused, playable_sites, resolve_site
 from shared.federation.site_training import new_model
 from flower_shim import InProcessGrid, make_context, make_message, server_task_identity
 from shared.federation.run_config import ConfigError, load_run_config
@@ -41,11 +41,11 @@ def _global_arrays(run_config) -> ArrayRecord:
     return ArrayRecord(new_model(load_run_config(run_config)).state_dict())
 
 
-def _train(run_config, *, partition=3, context=None, config=None, arrays=None):
-    context = context or make_context({"partition-id": partition, "num-partitions": 4}, run_config)
+def _train(run_config, *, site="cinc", context=None, config=None, arrays=None):
+    context = context or make_context({"partition-id": 0, "num-partitions": 2}, run_config)
     content = RecordDict({
         "arrays": arrays or _global_arrays(run_config),
-        "config": ConfigRecord({"server-round": 1, **(config or {})}),
+        "config": ConfigRecord({"server-round": 1, "site": site, **(config or {})}),
     })
     return client_app.train(make_message(content, "train"), context), context
 
@@ -77,21 +77,33 @@ def test_default_app_config_validates_and_names_four_sites():
 
     assert data["tool"]["flwr"]["app"]["config"] == DEFAULTS  # one set of defaults, two copies in sync
     cfg = load_run_config(data["tool"]["flwr"]["app"]["config"])
-    assert cfg.site_list == ["ptb", "ptbxl", "mimic", "cinc"] and cfg.min_nodes == 4
+    assert cfg.site_list == ["ptb", "ptbxl", "mimic", "cinc"] and cfg.min_nodes == 4 and cfg.verbose is False
     assert data["project"]["name"] == "four-sites" and "dependencies" not in data["project"]
     assert data["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
     assert "federations" not in data["tool"]["flwr"]
 
 
-def test_site_comes_from_node_config_in_deployment_and_partition_in_simulation():
-    cfg = load_run_config({**BASE, "cache-ptb": "/data/ptb"})
-    assert resolve_site({"site": "mimic", "data": "/srv/mimic-cache"}, cfg) == ("mimic", "/srv/mimic-cache")
-    assert resolve_site({"partition-id": 0, "num-partitions": 4}, cfg) == ("ptb", "/data/ptb")
-    assert resolve_site({"partition-id": 3, "num-partitions": 4}, cfg) == ("cinc", "")
-    with pytest.raises(ConfigError, match="partition-id 4"):
-        resolve_site({"partition-id": 4, "num-partitions": 5}, cfg)
+def test_deployed_node_plays_only_its_site_and_a_simulated_node_any_site_of_the_run():
+    cfg = load_run_config({**BASE, "sites": "ptb,ptbxl,cinc", "cache-ptb": "/data/ptb"})
+    deployed = {"site": "mimic", "data": "/srv/mimic-cache"}
+    simulated = {"partition-id": 1, "num-partitions": 2}
+    assert playable_sites(deployed) == "mimic" and playable_sites(simulated) == ANY_SITE
+    assert resolve_site(deployed, cfg, "mimic") == ("mimic", "/srv/mimic-cache")
+    with pytest.raises(SiteRefused, match="bound to site 'mimic' and refuses a message for site 'ptb'"):
+        resolve_site(deployed, cfg, "ptb")
+    assert resolve_site(simulated, cfg, "ptb") == ("ptb", "/data/ptb")
+    assert resolve_site(simulated, cfg, "cinc") == ("cinc", "")
+    with pytest.raises(SiteRefused, match="'mimic' is not in this run's sites"):
+        resolve_site(simulated, cfg, "mimic")
     with pytest.raises(ConfigError, match="not one of"):
-        resolve_site({"site": "boston"}, cfg)
+        resolve_site({"site": "boston"}, cfg, "boston")
+
+
+def test_a_node_asked_to_play_another_site_refuses_and_trains_nothing():
+    context = make_context({"site": "mimic", "data": "/nowhere"}, BASE)
+    reply, _ = _train(BASE, site="ptb", context=context)
+    assert reply.has_error()
+    assert reply.error.reason == "refused: this node is bound to site 'mimic' and refuses a message for site 'ptb'"
 
 
 # ---------------------------------------------------------------------------------- strategies
@@ -99,7 +111,7 @@ def test_site_comes_from_node_config_in_deployment_and_partition_in_simulation()
                                        ("fedyogi", FedYogi), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum)])
 def test_each_strategy_is_selectable_from_the_run_config(name, cls):
     strategy = build_strategy(load_run_config({**BASE, "strategy": name, "proximal-mu": 0.3, "server-lr": 0.05}))
-    assert isinstance(strategy, cls) and strategy.min_available_nodes == 4
+    assert isinstance(strategy, cls)
     assert strategy.weighted_by_key == "num-examples"
     if name == "fedprox":
         assert strategy.proximal_mu == 0.3
@@ -109,7 +121,7 @@ def test_each_strategy_is_selectable_from_the_run_config(name, cls):
 
 # ---------------------------------------------------------------------------------- train / evaluate
 def test_train_reply_carries_trained_weights_and_example_count():
-    reply, _ = _train(BASE, partition=1)
+    reply, _ = _train(BASE, site="ptbxl")
     content = reply.content
     assert content["site"]["site"] == "ptbxl"
     metrics = content["metrics"]
@@ -142,18 +154,18 @@ def test_dp_epsilon_is_cumulative_across_rounds_and_budget_stops_the_site():
     first, context = _train(run_config)
     eps1 = first.content["metrics"]["epsilon"]
     assert eps1 > 0 and first.content["metrics"]["delta"] == pytest.approx(1e-5)
-    assert "dp-state" in context.state
+    assert "dp-state/cinc" in context.state
     second, context = _train(run_config, context=context, config={"server-round": 2})
     eps2 = second.content["metrics"]["epsilon"]
     assert eps2 > eps1
-    state = dict(context.state["dp-state"])
+    state = dict(context.state["dp-state/cinc"])
     accountant = RDPAccountant()
     accountant.history = list(zip(state["noise_multipliers"], state["sample_rates"], state["steps"]))
     assert eps2 == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
 
     budget = {**run_config, "dp-epsilon-budget": eps2 * 1.01}
-    context = make_context({"partition-id": 3, "num-partitions": 4}, budget)
-    context.state["dp-state"] = ConfigRecord(state)
+    context = make_context({"partition-id": 0, "num-partitions": 2}, budget)
+    context.state["dp-state/cinc"] = ConfigRecord(state)
     stopped, _ = _train(budget, context=context, config={"server-round": 3})
     m = stopped.content["metrics"]
     assert m["dp-budget-exhausted"] == 1 and m["num-examples"] == 0 and m["steps"] == 0
@@ -161,8 +173,8 @@ def test_dp_epsilon_is_cumulative_across_rounds_and_budget_stops_the_site():
 
 
 def test_evaluate_reply_reports_site_auroc_and_synthetic_flag():
-    context = make_context({"partition-id": 2, "num-partitions": 4}, BASE)
-    content = RecordDict({"arrays": _global_arrays(BASE), "config": ConfigRecord({"server-round": 1})})
+    context = make_context({"partition-id": 0, "num-partitions": 2}, BASE)
+    content = RecordDict({"arrays": _global_arrays(BASE), "config": ConfigRecord({"server-round": 1, "site": "mimic"})})
     reply = client_app.evaluate(make_message(content, "evaluate"), context)
     m = reply.content["metrics"]
     assert reply.content["site"]["site"] == "mimic"

@@ -14,15 +14,14 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-import client.app as client_app
 from shared.federation.site_training import new_model
 from deploy_harness import make_caches
-from flower_shim import make_context, make_message, server_task_identity
+from flower_shim import deliver, make_context, server_task_identity
 from shared.federation.run_config import load_run_config
 from server.loop import run_server
 
 SITES = ("ptb", "ptbxl")
-ALLOWED_CONFIG = {"site": {"site", "skipped-reason"}}
+ALLOWED_CONFIG = {"site": {"site", "skipped-reason"}, "node": {"sites"}}
 
 
 class RecordingGrid:
@@ -42,9 +41,7 @@ class RecordingGrid:
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
-            delivered = make_message(msg.content, msg.metadata.message_type, dst_node_id=node)
-            handler = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
-            reply = handler(delivered, self.contexts[node])
+            reply = deliver(msg, self.contexts[node])
             self.sent_by_site[self.contexts[node].node_config["site"]].append(reply)
             replies.append(reply)
         return replies
@@ -72,7 +69,7 @@ def test_sites_send_only_model_arrays_and_scalar_metrics(tmp_path_factory, tmp_p
     for site in SITES:
         replies = grid.sent_by_site[site]
         kinds = [r.metadata.message_type for r in replies]
-        assert kinds.count("train") == 1 and kinds.count("evaluate") == 1, kinds
+        assert kinds.count("train") == 1 and kinds.count("evaluate") == 1 and kinds.count("query") == 1, kinds
         forbidden = private_strings(caches[site])
         for reply in replies:
             assert not reply.has_error()
@@ -84,9 +81,10 @@ def test_sites_send_only_model_arrays_and_scalar_metrics(tmp_path_factory, tmp_p
                 assert {k: tuple(a.shape) for k, a in arrays.items()} == model_shapes
             else:
                 assert not content.array_records
-            # metrics: numbers (or a list of numbers: per-class AUROC), nothing else
-            assert list(content.metric_records) == ["metrics"]
-            for key, value in content.metric_records["metrics"].items():
+            # metrics: numbers (or a list of numbers: per-class AUROC), nothing else; the answer
+            # to the server's query (which site this node plays) carries no metrics at all
+            assert list(content.metric_records) == ([] if reply.metadata.message_type == "query" else ["metrics"])
+            for key, value in (content.metric_records["metrics"].items() if content.metric_records else []):
                 values = value if isinstance(value, list) else [value]
                 assert all(isinstance(v, (int, float)) for v in values), (key, value)
                 assert len(values) <= 16, f"{key}: {len(values)} values is not a scalar metric"

@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "server-eval": "auto",
     "out-dir": "",
     "resume": False,
+    "verbose": False,
 }
 
 # Synthetic records per site when ``synthetic-records = 0`` (small enough for the 5-minute
@@ -103,7 +104,7 @@ def _validate(cfg: DictConfig) -> None:
     need(_is_int(cfg.local_epochs) and cfg.local_epochs >= 1, "local-epochs", "must be an integer >= 1")
     need(_is_num(cfg.fraction_train) and 0 < cfg.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
     need(_is_num(cfg.fraction_evaluate) and 0 <= cfg.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
-    need(_is_int(cfg.min_nodes) and cfg.min_nodes >= 0, "min-nodes", "must be an integer >= 0 (0 = one per site)")
+    need(_is_int(cfg.min_nodes) and cfg.min_nodes >= 0, "min-nodes", "must be an integer >= 0 (0 = every site)")
     need(_is_num(cfg.node_wait_timeout) and cfg.node_wait_timeout > 0, "node-wait-timeout", "must be > 0 seconds")
     need(_is_num(cfg.round_timeout) and cfg.round_timeout > 0, "round-timeout", "must be > 0 seconds")
     need(cfg.strategy in STRATEGIES, "strategy", f"choose one of {list(STRATEGIES)}")
@@ -125,6 +126,7 @@ def _validate(cfg: DictConfig) -> None:
     need(cfg.server_eval in SERVER_EVAL, "server-eval", f"choose one of {list(SERVER_EVAL)}")
     need(isinstance(cfg.resume, bool), "resume", "must be true or false")
     need(isinstance(cfg.site_local, bool), "site-local", "must be true or false")
+    need(isinstance(cfg.verbose, bool), "verbose", "must be true or false")
     sites = [s.strip() for s in str(cfg.sites).split(",") if s.strip()]
     need(bool(sites) and all(s in SITES for s in sites) and len(set(sites)) == len(sites),
          "sites", f"a comma-separated list of distinct sites from {list(SITES)}")

@@ -1,9 +1,13 @@
-"""Which site a node is and where its cache lives; the synthetic cache built on first use.
+"""Which sites a node may play, where each site's cache lives; the synthetic cache built on first use.
 
-Flower-free. A deployed SuperNode names its site and cache in its node config
-(``--node-config 'site="mimic" data="/path/to/cache"'``); a simulated node only has a
-``partition-id``, mapped to a site through the run config's ``sites`` list. Nothing here assumes
-simulation: node-config keys win whenever they are present.
+Flower-free. The server names the site in every message it sends (``config["site"]``); the
+node checks that it may play it:
+
+* a deployed SuperNode is bound to its one site by its node config
+  (``--node-config 'site="mimic" data="/path/to/cache"'``) and refuses a message for any other;
+* a simulated node (its node config holds only ``partition-id``) may play any site of the run
+  config's ``sites`` list, so Flower's default of two simulated nodes serves four sites. The
+  site's cache then comes from the run config (``cache-<site>``, '' = the embedded synthetic data).
 """
 
 from __future__ import annotations
@@ -15,35 +19,53 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from shared.federation.run_config import ConfigError, cache_root, site_cache_setting, synthetic_records
 from shared.data.cache import open_cache
 from shared.data.record import SITES
+from shared.federation.run_config import ConfigError, cache_root, site_cache_setting, synthetic_records
 
 # The synthetic data's own seed: fixed, so runs with different training seeds see the same data.
 SYNTHETIC_DATA_SEED = 0
+# What a node answers when it may play any site of the run (simulation).
+ANY_SITE = "*"
 
 
-def resolve_site(node_config: Mapping[str, Any], cfg: DictConfig) -> tuple[str, str]:
-    """``(site, cache setting)`` for this node; the setting is a path or '' (synthetic)."""
+class SiteRefused(ConfigError):
+    """This node must not play the site a message names; the message says why."""
+
+
+def bound_site(node_config: Mapping[str, Any]) -> str | None:
+    """The site a deployed node is bound to (None for a simulated node)."""
     if "site" in node_config:
         site = str(node_config["site"])
         if site not in SITES:
             raise ConfigError(f"node config: site = {site!r} is not one of {list(SITES)}")
-        data = str(node_config.get("data", "") or "")
-        return site, data or site_cache_setting(cfg, site)
+        return site
     if "partition-id" not in node_config:
         raise ConfigError(
             "node config has neither 'site' (deployment: --node-config 'site=\"mimic\" data=\"/path\"') "
             "nor 'partition-id' (simulation)"
         )
-    pid = int(node_config["partition-id"])
-    sites = list(cfg.site_list)
-    if not 0 <= pid < len(sites):
-        raise ConfigError(
-            f"simulated node with partition-id {pid} has no site: the run config lists "
-            f"{len(sites)} site(s) {sites}; run with num-supernodes = {len(sites)}"
-        )
-    site = sites[pid]
+    return None
+
+
+def playable_sites(node_config: Mapping[str, Any]) -> str:
+    """What a node answers the server's query: its bound site, or :data:`ANY_SITE`."""
+    return bound_site(node_config) or ANY_SITE
+
+
+def resolve_site(node_config: Mapping[str, Any], cfg: DictConfig, site: str) -> tuple[str, str]:
+    """``(site, cache setting)`` for a message naming ``site``; the setting is a path or '' (synthetic).
+
+    Raises :class:`SiteRefused` when this node may not play ``site``.
+    """
+    bound = bound_site(node_config)
+    if bound is not None:
+        if site != bound:
+            raise SiteRefused(f"this node is bound to site {bound!r} and refuses a message for site {site!r}")
+        data = str(node_config.get("data", "") or "")
+        return site, data or site_cache_setting(cfg, site)
+    if site not in cfg.site_list:
+        raise SiteRefused(f"site {site!r} is not in this run's sites {list(cfg.site_list)}")
     return site, site_cache_setting(cfg, site)
 
 

@@ -1,0 +1,115 @@
+"""Which node plays which site (``server.assignment``), through the real server loop and the real
+ClientApp functions behind an in-process grid (no Ray): simulated nodes share the sites, a
+deployed node plays only its own, and what cannot be served fails before anyone trains."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from flower_shim import InProcessGrid, server_task_identity
+from server.assignment import SiteAssignment
+from server.loop import run_server
+from shared.federation.run_config import load_run_config
+
+BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "batch-size": 16,
+        "local-epochs": 1, "device": "cpu", "num-server-rounds": 1, "server-eval": "off"}
+SITES = ["ptb", "ptbxl", "mimic", "cinc"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fed-ecg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FED_ECG_CACHE", str(root))
+        yield root
+
+
+def _serve(run_config, grid, lines=None):
+    with server_task_identity():
+        return run_server(grid, load_run_config(run_config), echo=(lines.append if lines is not None else print))
+
+
+def _trained_sites(outcome, rnd=1) -> set[str]:
+    return {site for r, site, metric, value in outcome.log.rows
+            if r == rnd and metric == "num_examples" and value > 0}
+
+
+def test_two_simulated_nodes_serve_four_sites_each_message_naming_its_site(tmp_path):
+    run = {**BASE, "out-dir": str(tmp_path / "run")}
+    grid = InProcessGrid(run, n_nodes=2)
+    lines = []
+    outcome = _serve(run, grid, lines)
+    assert _trained_sites(outcome) == set(SITES)
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert sorted(m.content["config"]["site"] for m in train) == sorted(SITES)
+    assert {m.metadata.dst_node_id for m in train} == {101, 102}  # both nodes work, two sites each
+    assert any(line.startswith("sites by node: node 101: ptb,mimic; node 102: ptbxl,cinc") for line in lines), lines
+
+
+def test_deployed_nodes_play_their_own_sites_and_a_duplicate_is_left_out(tmp_path, cache_root):
+    run = {**BASE, "sites": "ptb,mimic", "out-dir": str(tmp_path / "run")}
+    nodes = [{"site": "mimic"}, {"site": "ptb"}, {"site": "ptb"}, {"site": "cinc"}]
+    grid = InProcessGrid(run, node_configs=nodes)
+    lines = []
+    outcome = _serve(run, grid, lines)
+    assert _trained_sites(outcome) == {"ptb", "mimic"}
+    sent = {(m.metadata.dst_node_id, m.content["config"]["site"]) for m in grid.sent
+            if m.metadata.message_type == "train"}
+    assert sent == {(201, "mimic"), (202, "ptb")}
+    assert "node 203 also claims site 'ptb' (node 202 plays it): it is left out" in lines
+    assert any(line.startswith("node 204 plays site 'cinc', which is not in this run's sites") for line in lines)
+
+
+class FibbingGrid(InProcessGrid):
+    """Node 201 is bound to mimic but answers the server's query with '*' (any site)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for i, msg in enumerate(messages):
+            if msg.metadata.message_type == "query" and msg.metadata.dst_node_id == 201:
+                replies[i] = Message(RecordDict({"node": ConfigRecord({"sites": "*"})}), reply_to=msg)
+        return replies
+
+
+def test_a_node_refusing_a_site_it_is_not_bound_to_is_reported_by_the_server(tmp_path):
+    run = {**BASE, "sites": "ptb,mimic", "out-dir": str(tmp_path / "run")}
+    grid = FibbingGrid(run, node_configs=[{"site": "mimic"}])
+    outcome = _serve(run, grid, [])
+    assert _trained_sites(outcome) == {"mimic"}
+    with open(tmp_path / "run" / "failures.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["round"], r["site"], r["node_id"]) for r in rows] == [("1", "ptb", "201")]
+    assert "refused: this node is bound to site 'mimic' and refuses a message for site 'ptb'" in rows[0]["reason"]
+
+
+def test_a_site_without_a_node_fails_before_any_node_trains(tmp_path):
+    run = {**BASE, "node-wait-timeout": 0.5, "out-dir": str(tmp_path / "run")}
+    grid = InProcessGrid(run, node_configs=[{"site": s} for s in ("ptb", "ptbxl", "mimic")])
+    with pytest.raises(RuntimeError, match=r"no node plays site\(s\) \['cinc'\]"):
+        _serve(run, grid, [])
+    assert {m.metadata.message_type for m in grid.sent} == {"query"}
+
+
+def test_sites_are_dealt_again_when_a_node_leaves():
+    assignment = SiteAssignment(SITES, echo=lambda line: None)
+
+    class Grid:
+        nodes = [1, 2]
+
+        def get_node_ids(self):
+            return list(self.nodes)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [Message(RecordDict({"node": ConfigRecord({"sites": "*"})}), reply_to=m) for m in messages]
+
+    grid = Grid()
+    with server_task_identity():
+        assignment.refresh(grid)
+        assert assignment.node_of_site == {"ptb": 1, "ptbxl": 2, "mimic": 1, "cinc": 2}
+        grid.nodes = [2]
+        assignment.refresh(grid)
+        assert assignment.node_of_site == {s: 2 for s in SITES}
