@@ -74,23 +74,3 @@ def test_bad_config_exits_2_before_starting_anything():
     proc = subprocess.run([sys.executable, "-m", "simulations.run", "-c", "lr=-1"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "lr" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_setup_flower_makes_four_nodes_the_default_and_keeps_other_connections(tmp_path):
-    import tomllib
-
-    from flwr.cli.flower_config import read_superlink_connection
-
-    from simulations.setup_flower import configure
-
-    path = tmp_path / "config.toml"
-    path.write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n\n'
-                    '[superlink.hospital]\naddress = "fl.example.org:9093"\n')
-    configure(4, 1, 0.25, path=path)
-    data = tomllib.loads(path.read_text())
-    assert data["superlink"]["hospital"]["address"] == "fl.example.org:9093"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLWR_HOME", str(tmp_path))
-        connection = read_superlink_connection()  # what `flwr run` reads
-    assert connection.options.num_supernodes == 4
-    assert connection.options.backend.client_resources.num_gpus == 0.25
