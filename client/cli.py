@@ -19,16 +19,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import processes
 from shared.data.record import SITES
 
 EXIT_OK = 0
@@ -38,6 +37,8 @@ EXIT_SUPERNODE = 4  # flower-supernode failed for another reason
 
 # flower-supernode prints this exit code when it gives up connecting (see flwr ref-exit-codes/305).
 FLWR_EXIT_CONNECTION_FAILED = 305
+# Seconds the SuperNode's processes get between SIGTERM and SIGKILL when they are stopped.
+STOP_GRACE = 3.0
 
 
 class UsageError(Exception):
@@ -239,12 +240,6 @@ def node_config(site: str, data: Path) -> str:
     return f"site='{site}' data='{text}'"
 
 
-def free_local_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str]:
     exe = shutil.which("flower-supernode", path=runtime_path())
     if exe is None:
@@ -256,7 +251,7 @@ def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str
         command += ["--root-certificates", str(args.root_certificates.resolve())]
     if args.auth_key:
         command += ["--auth-supernode-private-key", str(args.auth_key.resolve())]
-    port = args.runtime_port or (0 if args.dry_run else free_local_port())
+    port = args.runtime_port or (0 if args.dry_run else processes.free_port())
     command += ["--host", "127.0.0.1", "--port", str(port) if port else "<free port>"]
     if args.max_wait > 0:
         command += ["--max-wait-time", str(args.max_wait)]
@@ -324,15 +319,17 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> int:
         f"({'PLAIN TEXT' if args.insecure else 'TLS'})",
         file=sys.stderr, flush=True,
     )
-    # Own session: the SuperNode's helpers (flower-superexec, flwr-clientapp) share its process
-    # group, so the whole group can be stopped when the SuperNode ends.
-    proc = subprocess.Popen(
+    # Own session, under the guard of shared.processes: the SuperNode, its flower-superexec and
+    # the flwr-clientapp processes are stopped when this wrapper dies, even by SIGKILL, and
+    # whatever the SuperNode leaves behind when it ends.
+    proc = processes.start(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, errors="replace", bufsize=1, start_new_session=True,
+        text=True, errors="replace", bufsize=1, grace=STOP_GRACE,
     )
 
     def forward(signum: int, _frame: Any) -> None:
-        _signal_group(proc.pid, signum)
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
@@ -341,7 +338,6 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> int:
     pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
     pump.start()
     rc = proc.wait()
-    _stop_group(proc.pid)
     pump.join(timeout=5)
     if rc == 0 or rc < 0:  # clean exit, or stopped by a signal we forwarded
         return EXIT_OK if rc == 0 else 128 - rc
@@ -363,26 +359,6 @@ def _pump(stream: Any, tail: deque[str]) -> None:
         sys.stderr.write(line)
         sys.stderr.flush()
         tail.append(_strip_ansi(line))
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop_group(pgid: int, grace: float = 3.0) -> None:
-    """Stop what the SuperNode left behind in its process group (its SuperExec)."""
-    _signal_group(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.1)
-    _signal_group(pgid, signal.SIGKILL)
 
 
 def _strip_ansi(text: str) -> str:

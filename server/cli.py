@@ -17,16 +17,19 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from shared import processes
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_SUPERLINK = 4
 
 DEFAULT_PORT = 9092
+# Seconds the SuperLink's processes get between SIGTERM and SIGKILL when they are stopped.
+STOP_GRACE = 5.0
 CERT_FILES = {"ca": "ca.crt", "cert": "superlink.crt", "key": "superlink.key"}
 
 
@@ -186,7 +189,10 @@ def run_superlink(command: list[str], args: argparse.Namespace) -> int:
         f"state in {args.state_dir}/superlink.db",
         file=sys.stderr, flush=True,
     )
-    proc = subprocess.Popen(command, env=env)
+    # Own session, under the guard of shared.processes: the SuperLink and what it spawns
+    # (flower-superexec, flwr-serverapp, flwr-simulation) are stopped when this wrapper dies,
+    # even by SIGKILL, and whatever the SuperLink leaves behind when it ends.
+    proc = processes.start(command, env=env, grace=STOP_GRACE)
 
     def forward(signum: int, _frame: Any) -> None:
         if proc.poll() is None:

@@ -3,8 +3,10 @@
 :func:`run_federation` starts its own local SuperLink (its own ``FLWR_HOME``, its own port found
 at run time), submits the app with ``flwr run``, waits for the run to finish, reads the run's
 status with ``flwr ls --run-id ID --format json`` (``flwr run`` itself exits 0 even when the run
-fails) and always stops the SuperLink it started, by PID (its whole process group: the
-simulation and Ray processes it spawned), on success, failure or exception alike.
+fails) and always stops the SuperLink it started, by PID (its whole process tree: the
+simulation and Ray processes it spawned), on success, failure or exception alike; should the
+calling process die first, even by SIGKILL, the SuperLink's tree goes with it
+(``shared.processes.start``).
 
 Used by ``python -m simulations.run`` (the checked entry point), ``simulations/compare.py``, the
 tests and ``bench/fl``.
@@ -16,8 +18,6 @@ import json
 import re
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,8 +30,12 @@ from typing import Any, TextIO
 
 import httpx
 
+from shared import processes
+from shared.processes import free_port, tree_rss_mb  # noqa: F401 - part of this module's API
+
 DEFAULT_APP_DIR = Path(__file__).resolve().parent / "four_sites"
 SUPERLINK_STARTUP_TIMEOUT = 30.0
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the SuperLink's tree is stopped
 
 
 @dataclass
@@ -52,13 +56,6 @@ class FederationResult:
 
 class FederationError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    """A TCP port free right now on 127.0.0.1 (bind to port 0 and ask the OS)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def format_overrides(run_config: Mapping[str, Any]) -> str:
@@ -128,51 +125,16 @@ def start_superlink(flwr_home: Path, port: int, env: dict[str, str]) -> subproce
     cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
            "--host", "127.0.0.1", "--port", str(port), "--database", str(runtime / "state.db"),
            "--log-file", str(runtime / "superlink.log")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + SUPERLINK_STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise FederationError(f"flower-superlink exited with code {proc.returncode}; see {runtime / 'superlink.log'}")
-        if _healthy(port):
-            return proc
-        time.sleep(0.2)
-    stop_process_tree(proc)
-    raise FederationError(f"flower-superlink did not become healthy on port {port} within {SUPERLINK_STARTUP_TIMEOUT:.0f} s")
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first found, whatever their session)."""
+    proc = processes.start(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           grace=STOP_GRACE)
     try:
-        out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout
-    except OSError:
-        return []
-    children: dict[int, list[int]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            children.setdefault(int(parts[1]), []).append(int(parts[0]))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Summed resident memory of ``pid`` and its descendants (MiB)."""
-    total = 0
-    for p in [pid, *_descendants(pid)]:
-        try:
-            with open(f"/proc/{p}/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total / 1024.0
+        processes.wait_until(lambda: _healthy(port), timeout=SUPERLINK_STARTUP_TIMEOUT,
+                             what=f"its health check http://127.0.0.1:{port}/health", proc=proc,
+                             log=runtime / "superlink.log")
+    except processes.WaitError as exc:
+        processes.stop(proc, grace=STOP_GRACE)
+        raise FederationError(str(exc)) from None
+    return proc
 
 
 class _MemorySampler(threading.Thread):
@@ -185,40 +147,6 @@ class _MemorySampler(threading.Thread):
         while not self.stop_event.is_set():
             self.peak = max(self.peak, tree_rss_mb(self.pid))
             self.stop_event.wait(self.every)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def stop_process_tree(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """Stop ``proc`` and every process it spawned, by PID: SIGTERM, then SIGKILL after ``grace``.
-
-    The SuperLink's children (SuperExec, the simulation, Ray) start their own sessions, so a
-    process-group kill would miss them; the tree is collected before anything is signalled.
-    """
-    pids = [proc.pid, *_descendants(proc.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            if _alive(pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            proc.poll()
-            time.sleep(0.2)
-        if not any(_alive(p) for p in pids):
-            break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -281,8 +209,8 @@ def run_federation(
             raise FederationError(f"flwr run did not start a run: {(proc.stdout + proc.stderr).strip()[-2000:]}") from None
         startup_s = time.monotonic() - t0
         if echo is not None:
-            streamer = subprocess.Popen([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
-                                        stdout=echo, stderr=subprocess.STDOUT, start_new_session=True)
+            streamer = processes.start([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
+                                       stdout=echo, stderr=subprocess.STDOUT)
         status, details = "timeout", f"not finished after {timeout:.0f} s"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -302,7 +230,7 @@ def run_federation(
         sampler.stop_event.set()
         if streamer is not None:
             time.sleep(1.0)  # let the stream print the last lines
-            stop_process_tree(streamer, grace=2.0)
-        stop_process_tree(superlink)
+            processes.stop(streamer, grace=2.0)
+        processes.stop(superlink, grace=STOP_GRACE)
         if own_home:
             shutil.rmtree(home, ignore_errors=True)

@@ -1,8 +1,9 @@
 """Real-process harness for the deployment tests: start SuperLinks and SuperNodes on 127.0.0.1,
 wait for them, and stop every process by PID (its whole process tree), also when a test fails.
 
-Each process runs in its own session; stopping it signals the session's process group and every
-descendant found in /proc (the SuperLink starts its SuperExec in a new session of its own).
+Process control is ``shared.processes``: each process runs in its own session, under a guard that
+stops its tree should pytest itself be killed; stopping it signals every descendant found in
+/proc (the SuperLink starts its SuperExec in a new session of its own).
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import processes
+from shared.processes import alive as pid_alive
+from shared.processes import descendants, free_port
+
+__all__ = ["REPO_ROOT", "VENV_BIN", "Federation", "Proc", "Processes", "descendants", "flwr",
+           "flwr_env", "free_port", "make_caches", "make_certs", "pid_alive", "run_log",
+           "run_status", "submit_run", "wait_port", "wait_run"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def flwr_env(home: Path) -> dict[str, str]:
@@ -44,39 +46,6 @@ def flwr_env(home: Path) -> dict[str, str]:
         MKL_NUM_THREADS="1",
     )
     return env
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may hold spaces and parentheses
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def descendants(pid: int) -> list[int]:
-    tree = _children_map()
-    out, todo = [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @dataclass
@@ -101,56 +70,40 @@ class Proc:
 
 @dataclass
 class Processes:
-    """Every process a test starts; ``stop_all()`` runs on fixture teardown."""
+    """Every process a test starts; ``stop_all()`` runs on fixture teardown.
+
+    ``die_with_parent``: each process runs under ``shared.processes``' guard, so that it and its
+    tree go when pytest is killed; a test that kills a command's wrapper to check the wrapper's
+    own guard turns it off (``Proc.pid`` is then the command itself).
+    """
 
     log_dir: Path
     env: dict[str, str]
     procs: list[Proc] = field(default_factory=list)
+    die_with_parent: bool = True
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.log_dir / f"{name}.log"
-        handle = log_path.open("ab")
-        popen = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env or self.env, stdout=handle, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+        popen = processes.start(
+            argv, cwd=REPO_ROOT, env=env or self.env, log_file=log_path,
+            stdin=subprocess.DEVNULL, die_with_parent=self.die_with_parent,
         )
-        handle.close()
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         return proc
 
     def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
         """Kill ``proc`` and its whole tree at once (a crash, not a clean stop)."""
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            _signal(pid, sig)
+        processes.signal_tree(proc.pid, sig)
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(proc.pid, sig)  # and anything its group spawned meanwhile
         except (ProcessLookupError, PermissionError):
             pass
         proc.popen.wait(timeout=10)
 
     def stop(self, proc: Proc, grace: float = 5.0) -> None:
         """SIGTERM the tree, then SIGKILL whatever is left after ``grace`` seconds."""
-        tree = [proc.pid, *descendants(proc.pid)]
-        for pid in tree:
-            _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(pid_alive(p) for p in tree):
-            if proc.popen.poll() is None:
-                time.sleep(0.1)
-            else:
-                time.sleep(0.1)
-                tree = [p for p in tree if pid_alive(p)] + descendants(proc.pid)
-        for pid in tree + descendants(proc.pid):
-            _signal(pid, signal.SIGKILL)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            proc.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
+        processes.stop(proc.popen, grace=grace)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
@@ -184,22 +137,10 @@ class Processes:
             ) from exc
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+def wait_port(port: int, timeout: float = 30.0, proc: Proc | None = None) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections (early failure if ``proc`` exits)."""
+    processes.wait_port(port, timeout=timeout, proc=proc.popen if proc else None,
+                        log=proc.log if proc else None)
 
 
 # ---------------------------------------------------------------- flwr CLI
@@ -303,7 +244,7 @@ class Federation:
         else:
             argv.append("--insecure")
         self.server = self.processes.start(f"superlink-{len(self.processes.procs)}", argv)
-        wait_port(self.port, timeout=60)
+        wait_port(self.port, timeout=60, proc=self.server)
         conn = [sys.executable, "-m", "server", "connection", self.connection, "--address",
                 f"127.0.0.1:{self.port}"]
         conn += ["--root-certificates", str(self.certs / "ca.crt")] if tls else ["--insecure"]
