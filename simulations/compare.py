@@ -231,7 +231,7 @@ def run_federated(cfg, caches, seed, chash, synthetic, preds_dir, *, method, str
         raise CompareError(f"federated rows need simulations.federation.run_federation ({exc})") from None
     run_dir = out_dir / "runs" / f"{method}-seed{seed}-{chash}"
     rc = federation_run_config(cfg, caches, strategy, seed, dp, run_dir)
-    result = run_federation(run_config=rc, num_supernodes=len(caches), timeout=float(cfg.federation_timeout_s))
+    result = run_federation(run_config=rc, timeout=float(cfg.federation_timeout_s))  # Flower's default nodes
     if not result.ok:
         tail = "\n".join(result.log.strip().splitlines()[-15:])
         raise CompareError(f"{method} seed {seed}: the Flower run ended with status {result.status!r}\n{tail}")

@@ -167,15 +167,18 @@ def run_federation(
     app_dir: str | Path = DEFAULT_APP_DIR,
     run_config: Mapping[str, Any] | None = None,
     *,
-    num_supernodes: int = 4,
-    client_cpus: float = 1,
-    client_gpus: float = 0.0,
+    num_supernodes: int | None = None,
+    client_cpus: int | None = None,
+    client_gpus: float | None = None,
     flwr_home: str | Path | None = None,
     port: int | None = None,
     timeout: float = 1800.0,
     echo: TextIO | None = None,
 ) -> FederationResult:
     """Run ``app_dir`` with ``run_config`` overrides on ``num_supernodes`` simulated nodes.
+
+    ``None`` keeps Flower's default for the node count (2) and the resources per node (2 CPUs,
+    no GPU), as a plain ``flwr run`` does; the server deals the sites over the nodes there are.
 
     Returns when the run has finished (or after ``timeout`` seconds, status ``timeout``); the
     SuperLink started here is stopped in every case. ``echo`` (e.g. ``sys.stdout``) receives
@@ -196,10 +199,12 @@ def run_federation(
     streamer = None
     run_id = None
     try:
-        args = ["run", str(app_dir), "--format", "json",
-                "--federation-config",
-                f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(client_cpus)} "
-                f"client-resources-num-gpus={float(client_gpus)}"]
+        args = ["run", str(app_dir), "--format", "json"]
+        federation = " ".join(f"{key}={value}" for key, value in (
+            ("num-supernodes", num_supernodes), ("client-resources-num-cpus", client_cpus),
+            ("client-resources-num-gpus", client_gpus)) if value is not None)
+        if federation:
+            args += ["--federation-config", federation]
         if run_config:
             args += ["--run-config", format_overrides(run_config)]
         proc = _flwr(args, env, app_dir.parent)

@@ -37,22 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__.splitlines()[0])
     parser.add_argument("app_dir", nargs="?", default=str(DEFAULT_APP_DIR), help="Flower app dir (default: simulations/four_sites)")
     parser.add_argument("--run-config", "-c", action="append", default=[], help='overrides, e.g. \'lr=0.01 model="cardioformer"\'')
-    parser.add_argument("--num-supernodes", type=int, default=0, help="simulated nodes (default: one per site)")
-    parser.add_argument("--client-cpus", type=int, default=1, help="CPUs per simulated node (default 1)")
-    parser.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per simulated node (e.g. 0.25)")
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="simulated nodes (default: Flower's, 2; the server deals the sites over them)")
+    parser.add_argument("--client-cpus", type=int, default=None, help="CPUs per simulated node (default: Flower's, 2)")
+    parser.add_argument("--client-gpus", type=float, default=None, help="GPU share per simulated node (e.g. 0.25; default: Flower's, 0)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run counts as failed")
     args = parser.parse_args(argv)
 
     app_dir = Path(args.app_dir)
     try:
         overrides = parse_overrides(args.run_config)
-        cfg = load_run_config({**app_defaults(app_dir), **overrides})
+        load_run_config({**app_defaults(app_dir), **overrides})  # a bad value exits 2 here
     except (ConfigError, ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    nodes = args.num_supernodes or len(cfg.site_list)
     try:
-        result = run_federation(app_dir, overrides, num_supernodes=nodes, client_cpus=args.client_cpus,
+        result = run_federation(app_dir, overrides, num_supernodes=args.num_supernodes, client_cpus=args.client_cpus,
                                 client_gpus=args.client_gpus, timeout=args.timeout, echo=sys.stdout)
     except FederationError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -99,9 +99,10 @@ def test_bad_run_config_and_unmet_minimum_fail_before_any_node_trains(federation
     bad = {"negative lr": ("lr=-0.1", "lr")}
     configs = {name: run_config(tmp_path / name.replace(" ", "-"), SITES, 1, override)
                for name, (override, _) in bad.items()}
-    # four sites wanted, three connected, 4 s deadline
+    # four sites wanted, three connected: a 20 s deadline (each answer to the server's query is a
+    # fresh ClientApp process on the node)
     configs["unmet minimum"] = run_config(tmp_path / "unmet", ("ptb", "ptbxl", "mimic", "cinc"), 1,
-                                          "node-wait-timeout=4.0")
+                                          "node-wait-timeout=20.0")
     ids = submit_many(env, fed.connection, configs)
     for name, run_id in ids.items():
         status = wait_run(env, fed.connection, run_id, timeout=240)
@@ -111,7 +112,7 @@ def test_bad_run_config_and_unmet_minimum_fail_before_any_node_trains(federation
             key = bad[name][1]
             assert f"run config: {key} = " in log and "is invalid" in log, (name, log)
         else:
-            assert "after 4 s, no node plays site(s) ['cinc'] (3 node(s) connected" in log, log
+            assert "after 20 s, no node plays site(s) ['cinc'] (3 node(s) connected" in log, log
     # the bad config reached no node; the unmet run only asked the nodes which site they play
     for site, proc in sites.items():
         log = proc.log()

@@ -33,14 +33,17 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.parametrize("model, strategy", [("hierarchical", "fedavg"), ("cardioformer", "fedprox")])
-def test_four_site_simulation_runs_two_rounds(model, strategy, env_cache, tmp_path):
+@pytest.mark.parametrize("model, strategy, nodes", [
+    ("hierarchical", "fedavg", None),  # Flower's default node count (2): two sites per node
+    ("cardioformer", "fedprox", 4),    # one node per site
+])
+def test_four_site_simulation_runs_two_rounds(model, strategy, nodes, env_cache, tmp_path):
     out = tmp_path / "out"
     result = run_federation(
         DEFAULT_APP_DIR,
         {"model": model, "strategy": strategy, "num-server-rounds": 2, "synthetic-records": 12,
          "batch-size": 16, "local-epochs": 1, "device": "cpu", "out-dir": str(out)},
-        num_supernodes=4, flwr_home=tmp_path / "flwr-home", timeout=400,
+        num_supernodes=nodes, flwr_home=tmp_path / "flwr-home", timeout=400,
     )
     assert result.ok, f"status {result.status}: {result.details}\n{result.log[-4000:]}"
     rows = _rows(out / "rounds.csv")
@@ -54,20 +57,24 @@ def test_four_site_simulation_runs_two_rounds(model, strategy, env_cache, tmp_pa
     assert ckpt["model_config"]  # rebuildable
     assert "round 2/2" in result.log and "mean of sites" in result.log and "SYNTHETIC" in result.log
     assert "SYNTHETIC" in (out / "summary.md").read_text()
+    assert result.log.count("sites by node: node ") == 1
+    # what a person reads: our lines, not Flower's per-round MetricRecord dumps or library warnings
+    for noise in ("Aggregated ClientApp-side", "configure_train", "Warning", "deprecat"):
+        assert noise not in result.log, (noise, result.log[-4000:])
 
 
 def test_failed_run_exits_non_zero_from_the_wrapper(env_cache, tmp_path):
-    """Two nodes for four sites: the ServerApp gives up after node-wait-timeout; the run's
-    status is finished:failed, and ``python -m simulations.run`` exits 1 although flwr run exits 0."""
+    """A site whose cache path holds no cache: its node's error is reported, the run ends
+    finished:failed, and ``python -m simulations.run`` exits 1 although flwr run exits 0."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.run", "--num-supernodes", "2", "--timeout", "240",
-         "-c", f'node-wait-timeout=2.0 out-dir="{tmp_path / "out"}"'],
+        [sys.executable, "-m", "simulations.run", "--timeout", "240",
+         "-c", f'sites="ptb" cache-ptb="{tmp_path / "no-cache"}" num-server-rounds=1 out-dir="{tmp_path / "out"}"'],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "finished:failed" in proc.stderr
-    assert "only 2 node(s) connected" in proc.stdout
+    assert "is not a prepared cache (no manifest.json)" in proc.stdout
 
 
 def test_bad_config_exits_2_before_starting_anything():
