@@ -146,6 +146,10 @@ class ReplyGuard:
                 self._exclude(server_round, int(node), "no reply before the round ended", site)
         return kept
 
+    def unserved(self, server_round: int, site: str) -> None:
+        """Record a site that got no message this round: no node plays it (its node left)."""
+        self._exclude(server_round, 0, "no node plays this site", site)
+
     def load(self, path: Path, up_to_round: int) -> None:
         """Keep the exclusions an earlier (resumed) run recorded for rounds <= ``up_to_round``."""
         if not path.is_file():

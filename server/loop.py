@@ -3,13 +3,14 @@ ServerApp with Flower's ``Grid``; tests call it with a fake grid.
 
 Order: validate the config (done by the caller) -> output dir and, with ``resume``, the last
 checkpoint -> server-side copy of the test splits for the pooled-test AUROC (simulation;
-prepares the synthetic caches before round 1) -> round 0 (the initial model) -> a node for
-every site (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
+prepares the synthetic caches before round 1) -> round 0 (the initial model), while a node for
+every site is found (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
 :class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,11 +95,13 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     strategy.guard.load(strategy.failures_path, up_to_round=offset)
     round_end = RoundEnd(cfg, out_dir, strategy, total_rounds=total, round_offset=offset,
                          pooled_caches=caches, history=history, echo=echo)
-    # Round 0 (the initial model's pooled evaluation and checkpoint) before the nodes are asked:
-    # in simulation it overlaps the start of the simulated nodes.
-    round_end(0, ArrayRecord(state))
-    strategy.assignment = wait_for_sites(grid, list(cfg.site_list), int(cfg.min_nodes),
-                                         float(cfg.node_wait_timeout), echo)
+    # The nodes are asked which site they play while round 0 (the initial model's pooled
+    # evaluation and checkpoint) runs here: the first answer waits for the nodes to start.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ask-nodes") as pool:
+        asked = pool.submit(wait_for_sites, grid, list(cfg.site_list), int(cfg.min_nodes),
+                            float(cfg.node_wait_timeout), echo)
+        round_end(0, ArrayRecord(state))
+        strategy.assignment = asked.result()
     echo(f"sites by node: {strategy.assignment.describe()}")
     round_end.restart_clock()  # round 1's seconds count from here, not from round 0
     if offset < total:

@@ -111,6 +111,8 @@ class SiteTracking:
         rnd = server_round + self.round_offset
         messages, sites = self._per_site(rnd, arrays, config, grid, super().configure_train)
         self.guard.sent(rnd, arrays, messages, sites)
+        for site in self.assignment.missing:
+            self.guard.unserved(rnd, site)
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -163,6 +163,15 @@ def run_status(run_id: str, env: dict[str, str], cwd: Path) -> tuple[str, str]:
         return f"unknown ({(proc.stdout + proc.stderr).strip()[-300:]})", ""
 
 
+def _pass_on(stream: TextIO, echo: TextIO | None, lines: list[str]) -> None:
+    """Read the run's streamed log to its end into ``lines``, copying it to ``echo`` if given."""
+    for line in stream:
+        lines.append(line)
+        if echo is not None:
+            echo.write(line)
+            echo.flush()
+
+
 def run_federation(
     app_dir: str | Path = DEFAULT_APP_DIR,
     run_config: Mapping[str, Any] | None = None,
@@ -213,18 +222,30 @@ def run_federation(
         except (ValueError, KeyError, TypeError):
             raise FederationError(f"flwr run did not start a run: {(proc.stdout + proc.stderr).strip()[-2000:]}") from None
         startup_s = time.monotonic() - t0
-        if echo is not None:
-            streamer = processes.start([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
-                                       stdout=echo, stderr=subprocess.STDOUT)
+        # `flwr log --stream` ends when the run does: wait for it rather than polling `flwr ls`
+        # (every `flwr` call is a Python start-up, about a CPU-second taken from the run).
+        streamer = processes.start([_bin("flwr"), "log", run_id, "--stream"], env=env, cwd=app_dir.parent,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        streamed: list[str] = []
+        pump = threading.Thread(target=_pass_on, args=(streamer.stdout, echo, streamed), daemon=True)
+        pump.start()
         status, details = "timeout", f"not finished after {timeout:.0f} s"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            try:
+                streamer.wait(timeout=max(0.0, min(30.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                pass
             current, current_details = run_status(run_id, env, app_dir.parent)
             if current.startswith("finished"):
                 status, details = current, current_details
                 break
-            time.sleep(1.0)
-        log = _flwr(["log", run_id, "--show"], env, app_dir.parent).stdout
+            if streamer.poll() is not None:  # the stream ended early (a broken connection): poll
+                time.sleep(2.0)
+        pump.join(timeout=5.0)
+        log = "".join(streamed)
+        if streamer.poll() is None or not status.startswith("finished"):  # not the whole log
+            log = _flwr(["log", run_id, "--show"], env, app_dir.parent).stdout
         if out_dir is None:
             found = re.search(r"; output (\S+)", log)
             out_dir = Path(found.group(1)) if found else None
@@ -234,7 +255,6 @@ def run_federation(
     finally:
         sampler.stop_event.set()
         if streamer is not None:
-            time.sleep(1.0)  # let the stream print the last lines
             processes.stop(streamer, grace=2.0)
         processes.stop(superlink, grace=STOP_GRACE)
         if own_home:

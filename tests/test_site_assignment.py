@@ -113,3 +113,38 @@ def test_sites_are_dealt_again_when_a_node_leaves():
         grid.nodes = [2]
         assignment.refresh(grid)
         assert assignment.node_of_site == {s: 2 for s in SITES}
+
+
+class LeavingGrid(InProcessGrid):
+    """The ptb node (202) leaves after round 1 and comes back as a new node (203) for round 3."""
+
+    def __init__(self, run_config, caches):
+        super().__init__(run_config, node_configs=[{"site": "mimic", "data": str(caches["mimic"])},
+                                                   {"site": "ptb", "data": str(caches["ptb"])}])
+        self.trains = 0
+        self.away = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        if any(m.metadata.message_type == "train" for m in messages):
+            self.trains += 1
+            if self.trains == 1:
+                self.away[203] = self.contexts.pop(202)
+            elif self.trains == 2:
+                self.contexts.update(self.away)
+        return replies
+
+
+def test_a_site_whose_node_left_is_recorded_per_round_and_rejoins_with_a_new_node(tmp_path, cache_root):
+    from shared.federation.site_data import ensure_cache
+
+    run = {**BASE, "sites": "ptb,mimic", "num-server-rounds": 3, "fraction-evaluate": 0.0,
+           "out-dir": str(tmp_path / "run")}
+    cfg = load_run_config(run)
+    grid = LeavingGrid(run, {s: ensure_cache(s, "", cfg) for s in ("ptb", "mimic")})
+    outcome = _serve(run, grid, [])
+    assert [_trained_sites(outcome, r) for r in (1, 2, 3)] == [{"ptb", "mimic"}, {"mimic"}, {"ptb", "mimic"}]
+    with open(tmp_path / "run" / "failures.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["round"], r["site"], r["reason"]) for r in rows] == [("2", "ptb", "no node plays this site")]

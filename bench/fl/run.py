@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared.federation.quiet import quiet_third_party_warnings
 from shared.federation.run_config import load_run_config
 from shared.federation.site_data import ensure_cache
 from shared.federation.site_training import evaluate_site, new_model, train_site
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process-child", nargs=3, metavar=("MODEL", "ROUNDS", "RECORDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.setdefault("FED_ECG_CACHE", str(Path(tempfile.gettempdir()) / "fed-ecg-bench-cache"))
+    quiet_third_party_warnings(verbose=False)
     if args.in_process_child:
         model, rounds, records = args.in_process_child
         print(json.dumps(in_process(model, int(rounds), int(records))))
