@@ -1,6 +1,7 @@
 """Reader throughput: the fast WFDB reader vs ``wfdb.rdrecord`` on the real kit samples.
 
-Usage: ``python bench/data_readers.py [--kit ../shared/data] [--seconds 3]``
+Usage: ``python bench/data_readers.py [--kit KIT_DATA_DIR] [--seconds 3]`` (the developers' kit of real
+samples, beside the checkout)
 
 Prints records/s (one process) for three groups of records: the 12-lead 500 Hz 10 s Challenge
 ``.mat`` records (CPSC/Georgia/Chapman/Ningbo/PTB-XL copies), 12-lead 500 Hz 10 s MIMIC-layout

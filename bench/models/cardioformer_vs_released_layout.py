@@ -1,7 +1,7 @@
 """Cardioformer: this implementation against the released code's layout, measured in one run.
 
 The quoted figures for the authors' released Cardioformer (7.1 samples/s training, 27
-inference, 2.8 GB, REFERENCES section 6) were taken on a quiet 2-core machine. On a shared
+inference, 2.8 GB, quoted with the task that set the target) were taken on a quiet 2-core machine. On a shared
 machine absolute figures drift with the load, so this script also times a re-expression of the
 released code's *layout* (written here from its structure, not copied): a Python list of one
 tensor per granularity; per granularity separate q/k/v/out ``nn.Linear``, attention by

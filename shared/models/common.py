@@ -3,7 +3,7 @@
 Everything here is built from modules Opacus can compute per-sample gradients for
 (``nn.Linear``, ``nn.LayerNorm``, ``nn.RMSNorm``) or from small modules that own exactly one
 learned tensor and take one batched input (so Opacus' functorch fallback can vmap them without
-meeting a dropout: see REFERENCES section 4). Attention runs through
+meeting a dropout, which fails under vmap's randomness checks). Attention runs through
 ``torch.nn.functional.scaled_dot_product_attention`` so PyTorch can pick a fused kernel (flash
 attention on CPU and GPU) that never materialises the ``[L, L]`` attention maps.
 

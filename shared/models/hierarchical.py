@@ -30,7 +30,7 @@ from torch import nn
 
 from .common import Dropout, LearnedToken, SinusoidalPositionalEncoding, TransformerEncoderLayer
 
-#: The paper's conv stack (REFERENCES 1.1): kernel, stride and padding of the six layers.
+#: The paper's conv stack (Tang et al., arXiv 2411.00755): kernel, stride and padding of the six layers.
 CONV_KERNELS: tuple[int, ...] = (14, 14, 10, 10, 10, 10)
 CONV_STRIDES: tuple[int, ...] = (3, 3, 2, 2, 1, 1)
 CONV_PADDINGS: tuple[int, ...] = (2, 0, 0, 0, 0, 0)
