@@ -19,6 +19,7 @@ records), with a fresh Flower home and a fresh synthetic-data cache, and stops t
 SuperLink ``flwr`` leaves behind.
 
     python -m bench.fl.run [--models hierarchical,cardioformer] [--rounds 3] [--records 400] [--default-run]
+    python -m bench.fl.run --models hierarchical --nodes 4 --client-cpus 1      # another node layout
 """
 
 from __future__ import annotations
@@ -103,14 +104,14 @@ def step_time(cfg, cache: Path, site: str, state, *, repeats: int = 2) -> float:
 
 
 # ------------------------------------------------------------------ one model
-def bench_model(model: str, rounds: int, records: int, nodes: int | None, work: Path) -> dict:
+def bench_model(model: str, rounds: int, records: int, nodes: int | None, cpus: int | None, work: Path) -> dict:
     overrides = overrides_for(model, rounds, records)
     cfg = load_run_config(overrides)
     for site in cfg.site_list:
         ensure_cache(site, "", cfg)  # caches built before anything is timed
 
     result = run_federation(DEFAULT_APP_DIR, {**overrides, "out-dir": str(work / f"fl-{model}")},
-                            num_supernodes=nodes, timeout=3600)
+                            num_supernodes=nodes, client_cpus=cpus, timeout=3600)
     if not result.ok:
         raise SystemExit(f"{model}: federation failed ({result.status})\n{result.log[-3000:]}")
     round_times = {int(r): float(s) for r, s in ROUND_LINE.findall(result.log)}
@@ -127,7 +128,7 @@ def bench_model(model: str, rounds: int, records: int, nodes: int | None, work: 
     local_round = statistics.median(local["round_s"][1:] or local["round_s"])
     return {
         "model": model,
-        "nodes": nodes or "Flower default (2)",
+        "nodes": f"{nodes or 'default (2)'} x {cpus or 'default (2)'} CPUs",
         "params": sum(t.numel() for t in new_model(cfg).state_dict().values() if t.is_floating_point()),
         "first_round_s": fed_rounds[0],
         "fed_round_s": fed_round,
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=400, help="synthetic records per site")
     parser.add_argument("--nodes", type=int, default=None, help="simulated nodes (default: Flower's default, 2)")
+    parser.add_argument("--client-cpus", type=int, default=None, help="CPUs per simulated node (default: Flower's, 2)")
     parser.add_argument("--default-run", action="store_true", help="also time the README's main command")
     parser.add_argument("--in-process-child", nargs=3, metavar=("MODEL", "ROUNDS", "RECORDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -220,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fed-ecg-bench-") as tmp:
         for model in args.models.split(","):
-            rows.append(bench_model(model.strip(), args.rounds, args.records, args.nodes, Path(tmp)))
+            rows.append(bench_model(model.strip(), args.rounds, args.records, args.nodes, args.client_cpus, Path(tmp)))
     print(f"# bench/fl: {args.rounds} rounds, 4 sites x {args.records} synthetic records (SYNTHETIC data), "
           f"tiny presets, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
-    print("| model | simulated nodes | params | federated round 1 (s) | federated round, rounds 2.. (median, s) | "
+    print("| model | simulated nodes x CPUs | params | federated round 1 (s) | federated round, rounds 2.. (median, s) | "
           "same work in one process (s) | overhead ratio | SuperLink start to run accepted (s) | "
           "outside rounds 1..n: start-up, round 0, shutdown (s) | peak memory, federation (MiB) | "
           "peak memory, one process (MiB) | memory ratio | step (s) | DP step (s) | DP/plain |")
