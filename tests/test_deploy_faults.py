@@ -125,8 +125,7 @@ def test_node_killed_mid_round_survivors_are_aggregated_and_the_drop_reported(fe
     fed, sites, _, _ = federation
     env = fed.processes.env
     out_dir = tmp_path / "run"
-    run_id = submit_run(env, APP, fed.connection,
-                        run_config(out_dir, SITES, 2, "min-nodes=2 round-timeout=300.0"))
+    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, SITES, 2, "round-timeout=300.0"))
     victim = sites["mimic"]
     # round 2's train message reaches mimic: kill its node (SuperNode, SuperExec, ClientApp)
     fed.processes.wait_for(victim, rf"\[RUN {run_id}\][\s\S]*Receiving: train message"
