@@ -4,20 +4,24 @@ names the site in each train/evaluate message it sends.
 * A deployed node answers the site it is bound to (its node config); it plays only that site
   and refuses a message for another.
 * A simulated node answers ``*``: it may play any site of the run. The sites no bound node
-  claims are dealt round-robin over these nodes, so Flower's default of two simulated nodes
-  serves four sites (each node plays two, one after the other) and no Flower setting has to
-  change for the run to start.
-* A second node claiming a site that already has one, or a node bound to a site that is not in
-  the run's ``sites``, is left out, and the server says so.
+  claims are dealt over these nodes (the fewest sites first; a site stays with the node that
+  plays it), so Flower's default of two simulated nodes serves four sites and no Flower
+  setting has to change for the run to start. A node gets one message at a time
+  (:class:`OneMessagePerNode`), as a deployed node does.
+* A second node claiming a site that already has one (the node playing it keeps it), or a node
+  bound to a site that is not in the run's ``sites``, is left out, and the server says so; so
+  is the reason a node gives when it cannot answer.
 
 :func:`wait_for_sites` runs before round 1: it asks nodes as they connect until every site has a
 node, or until ``node-wait-timeout`` (then the run goes on if at least ``min-nodes`` sites have
 one, and fails with a clear message otherwise). :meth:`SiteAssignment.refresh`, called at every
-round, asks nodes that connected since and gives the site of a node that left to another.
+round, asks nodes that connected since (a node that did not answer: every five minutes) and
+gives the site of a node that left to another.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -26,19 +30,26 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from shared.federation.site_data import ANY_SITE
 
 QUERY_TIMEOUT = 60.0  # seconds for the nodes to answer which site they play
+ASK_AGAIN_AFTER = 300.0  # seconds before a node that did not answer is asked again
 
 
-def ask_nodes(grid, node_ids: Iterable[int], timeout: float = QUERY_TIMEOUT) -> dict[int, str]:
-    """``{node_id: site or '*'}`` for the nodes that answered in time."""
+def ask_nodes(grid, node_ids: Iterable[int], timeout: float = QUERY_TIMEOUT) -> tuple[dict[int, str], dict[int, str]]:
+    """``({node_id: site or '*'}, {node_id: error reason})`` for the nodes that answered in time."""
     messages = [Message(RecordDict({"config": ConfigRecord({"question": "sites"})}), dst_node_id=int(node),
                         message_type=MessageType.QUERY) for node in node_ids]
     if not messages:
-        return {}
-    answers = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if not reply.has_error() and "node" in reply.content.config_records:
-            answers[int(reply.metadata.src_node_id)] = str(reply.content.config_records["node"]["sites"])
-    return answers
+        return {}, {}
+    answers, errors = {}, {}
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    node_of_message = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in messages if m.metadata.message_id}
+    for reply in replies:
+        node = int(reply.metadata.src_node_id)
+        if reply.has_error():  # one the SuperLink raises on a node's behalf comes from the SuperLink
+            node = node_of_message.get(reply.metadata.reply_to_message_id, node)
+            errors[node] = str(reply.error.reason)
+        elif "node" in reply.content.config_records:
+            answers[node] = str(reply.content.config_records["node"]["sites"])
+    return answers, errors
 
 
 class SiteAssignment:
@@ -50,23 +61,39 @@ class SiteAssignment:
         self.node_of_site: dict[str, int] = {}
         self.echo = echo
         self._reported: set[str] = set()
+        self._asked_at: dict[int, float] = {}  # nodes that have not answered yet: when last asked
 
     # ------------------------------------------------------------------ queries
-    def refresh(self, grid, timeout: float = QUERY_TIMEOUT) -> None:
-        """Ask the nodes not asked yet, forget the nodes that left, and re-deal the sites."""
+    def refresh(self, grid, timeout: float = QUERY_TIMEOUT, ask_again_after: float = ASK_AGAIN_AFTER) -> None:
+        """Ask the nodes that connected since (a node that did not answer: again after
+        ``ask_again_after`` seconds), forget the nodes that left, and re-deal the sites."""
         connected = {int(n) for n in grid.get_node_ids()}
         gone = set(self.answers) - connected
-        new = sorted(connected - set(self.answers))
+        now = time.monotonic()
+        new = sorted(n for n in connected - set(self.answers)
+                     if n not in self._asked_at or now - self._asked_at[n] >= ask_again_after)
         if not gone and not new:
             return
         for node in gone:
             del self.answers[node]
-        self.answers.update(ask_nodes(grid, new, timeout))
+        answers, errors = ask_nodes(grid, new, timeout)
+        for node in new:
+            self._asked_at[node] = now
+        for node, reason in errors.items():
+            self._report(f"node {node} did not say which site it plays: {reason}")
+        for node in answers:
+            self._asked_at.pop(node, None)
+        self.answers.update(answers)
         self._deal()
 
     def _deal(self) -> None:
+        """Bound nodes get their sites (the node already playing a site keeps it against a
+        newcomer's claim); the other sites stay with the ``*`` node that plays them, and the
+        ones without a node go to the ``*`` node with the fewest sites."""
+        previous = self.node_of_site
         bound: dict[str, int] = {}
-        for node, site in sorted(self.answers.items()):
+        claims = sorted(self.answers.items(), key=lambda item: (previous.get(item[1]) != item[0], item[0]))
+        for node, site in claims:
             if site == ANY_SITE:
                 continue
             if site not in self.sites:
@@ -78,11 +105,18 @@ class SiteAssignment:
             else:
                 bound[site] = node
         flexible = sorted(node for node, site in self.answers.items() if site == ANY_SITE)
-        unbound = [site for site in self.sites if site not in bound]
         self.node_of_site = dict(bound)
-        if flexible:
-            for i, site in enumerate(unbound):
-                self.node_of_site[site] = flexible[i % len(flexible)]
+        load = {node: 0 for node in flexible}
+        unbound = [site for site in self.sites if site not in bound]
+        for site in unbound:
+            if previous.get(site) in load:
+                self.node_of_site[site] = previous[site]
+                load[previous[site]] += 1
+        for site in unbound:
+            if site not in self.node_of_site and load:
+                node = min(load, key=lambda n: (load[n], n))
+                self.node_of_site[site] = node
+                load[node] += 1
 
     def _report(self, line: str) -> None:
         if line not in self._reported:
@@ -107,12 +141,18 @@ class SiteAssignment:
 
 
 def wait_for_sites(grid, sites: list[str], min_sites: int, timeout: float,
-                   echo: Callable[[str], None] = print) -> SiteAssignment:
-    """A node for every site, or for at least ``min_sites`` of them after ``timeout`` seconds."""
+                   echo: Callable[[str], None] = print, stop: threading.Event | None = None) -> SiteAssignment:
+    """A node for every site, or for at least ``min_sites`` of them after ``timeout`` seconds.
+
+    ``stop`` (set by the caller) ends the wait early with an error.
+    """
     assignment = SiteAssignment(sites, echo)
     deadline = time.monotonic() + timeout
     while True:
-        assignment.refresh(grid, timeout=max(1.0, min(QUERY_TIMEOUT, deadline - time.monotonic())))
+        if stop is not None and stop.is_set():
+            raise RuntimeError("stopped while waiting for the nodes")
+        assignment.refresh(grid, timeout=max(1.0, min(QUERY_TIMEOUT, deadline - time.monotonic())),
+                           ask_again_after=0.0)  # before round 1, a silent node is asked each time
         if not assignment.missing:
             return assignment
         if time.monotonic() > deadline:
@@ -129,3 +169,35 @@ def wait_for_sites(grid, sites: list[str], min_sites: int, timeout: float,
         f"the run needs {min_sites}). Deployment: start one SuperNode per site "
         "(python -m client --site SITE ...); simulation: every simulated node plays any site."
     )
+
+
+class OneMessagePerNode:
+    """The grid as the strategy sees it: a node is sent one message at a time.
+
+    A simulated node that plays two sites gets two messages a round. Flower's simulation engine
+    would run them at once on two Ray workers, each with a copy of the node's ``context.state``,
+    and keep whichever copy came back last: one site's DP accountant and site-local values would
+    be lost. So the messages go out in waves, no node twice in a wave, all within the round's
+    ``timeout``. With one message per node (deployment, or a node per site) this is one wave.
+    """
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        waves: list[list[Message]] = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            wave = next((w for w in waves if all(m.metadata.dst_node_id != node for m in w)), None)
+            if wave is None:
+                waves.append(wave := [])
+            wave.append(msg)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        for wave in waves:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            replies += list(self.grid.send_and_receive(wave, timeout=left))
+        return replies

@@ -8,7 +8,8 @@ A reply is excluded when
 * an array holds NaN or +-inf, or its ``num-examples`` is not a finite number >= 0.
 
 A node that got the round's message but sent nothing back before the round ended is recorded
-too ("no reply"). A reply naming another site than the message it answers is excluded too.
+too ("no reply"). A reply naming no site, or another site than the message it answers, is
+excluded too.
 Excluded replies never reach Flower's aggregation, so one broken site cannot
 poison the global model; if every reply of a round is excluded, Flower keeps the previous global
 model (nothing already aggregated is lost).
@@ -20,8 +21,7 @@ The record is ``failures.csv`` in the run's output dir (rewritten atomically aft
 How it plugs into a strategy (``server.strategies.SiteTracking``)::
 
     guard = ReplyGuard()
-    # configure_train: remember what went out
-    messages = list(super().configure_train(rnd, arrays, config, grid))
+    # configure_train: remember what went out, and the site each message is for
     guard.sent(rnd, arrays, messages, sites)
     # aggregate_train: drop what must not be averaged
     replies = guard.screen(rnd, replies)
@@ -135,7 +135,9 @@ class ReplyGuard:
             if site and site == named:
                 self.site_of_node[node] = site
             reason = check_reply(msg, reference, self.weight_key)
-            if reason is None and named is not None and site != named:
+            if reason is None and named is None:
+                reason = "the reply names no site"
+            elif reason is None and site != named:
                 reason = f"the reply names site {named!r}, the message was for site {site!r}"
             if reason is None:
                 kept.append(msg)

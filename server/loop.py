@@ -10,6 +10,7 @@ every site is found (``server.assignment``: asked, with a deadline) -> ``strateg
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,7 +23,7 @@ from omegaconf import DictConfig
 from shared.federation.site_data import ensure_cache
 from shared.federation.site_training import new_model
 from shared.federation.run_config import ConfigError, cache_root, site_cache_setting
-from server.assignment import wait_for_sites
+from server.assignment import OneMessagePerNode, wait_for_sites
 from server.guard import FAILURES_CSV
 from server.rounds import CHECKPOINT, ROUNDS_CSV, RoundEnd, RoundLog
 from server.strategies import build_strategy
@@ -97,16 +98,21 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
                          pooled_caches=caches, history=history, echo=echo)
     # The nodes are asked which site they play while round 0 (the initial model's pooled
     # evaluation and checkpoint) runs here: the first answer waits for the nodes to start.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ask-nodes") as pool:
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ask-nodes")
+    try:
         asked = pool.submit(wait_for_sites, grid, list(cfg.site_list), int(cfg.min_nodes),
-                            float(cfg.node_wait_timeout), echo)
+                            float(cfg.node_wait_timeout), echo, stop)
         round_end(0, ArrayRecord(state))
         strategy.assignment = asked.result()
+    finally:
+        stop.set()  # round 0 failed: stop waiting for the nodes
+        pool.shutdown(wait=False)
     echo(f"sites by node: {strategy.assignment.describe()}")
     round_end.restart_clock()  # round 1's seconds count from here, not from round 0
     if offset < total:
         strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(state), num_rounds=total - offset,
+            grid=OneMessagePerNode(grid), initial_arrays=ArrayRecord(state), num_rounds=total - offset,
             timeout=float(cfg.round_timeout), train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             evaluate_fn=round_end,
         )

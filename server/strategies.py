@@ -150,9 +150,16 @@ class SiteTracking:
             if msg.has_error():
                 print(f"round {server_round + self.round_offset}: site {site or '?'} did not evaluate: "
                       f"{msg.error.reason}", flush=True)
-            elif site is not None and str(msg.content.config_records["site"]["site"]) == site:
+                continue
+            named = msg.content.config_records.get("site", {}).get("site")
+            if site is not None and named == site:
                 self.last_eval[site] = _scalars(msg.content)
-        return super().aggregate_evaluate(server_round + self.round_offset, replies)
+            else:
+                print(f"round {server_round + self.round_offset}: an evaluation reply names site {named!r}, "
+                      f"its message was for {site!r}: left out", flush=True)
+        kept = [m for m in replies if not m.has_error() and m.content.config_records.get("site", {}).get("site")
+                == site_of_message.get(m.metadata.reply_to_message_id)]
+        return super().aggregate_evaluate(server_round + self.round_offset, kept)
 
     # ----------------------------------------------------------- server optimiser state
     def optimizer_state(self) -> dict[str, Any] | None:

@@ -4,12 +4,13 @@ deployed node plays only its own, and what cannot be served fails before anyone 
 
 from __future__ import annotations
 
+import copy
 import csv
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from flower_shim import InProcessGrid, server_task_identity
+from flower_shim import InProcessGrid, deliver, server_task_identity
 from server.assignment import SiteAssignment
 from server.loop import run_server
 from shared.federation.run_config import load_run_config
@@ -94,25 +95,82 @@ def test_a_site_without_a_node_fails_before_any_node_trains(tmp_path):
     assert {m.metadata.message_type for m in grid.sent} == {"query"}
 
 
-def test_sites_are_dealt_again_when_a_node_leaves():
+class QueryGrid:
+    """Nodes that answer the server's query as ``answers`` says (a missing node never answers)."""
+
+    def __init__(self, answers: dict[int, str], nodes: list[int] | None = None):
+        self.answers, self.nodes, self.asked = answers, nodes or list(answers), []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.asked.append(sorted(m.metadata.dst_node_id for m in messages))
+        return [Message(RecordDict({"node": ConfigRecord({"sites": self.answers[m.metadata.dst_node_id]})}),
+                        reply_to=m) for m in messages if m.metadata.dst_node_id in self.answers]
+
+
+def test_sites_stay_with_their_nodes_and_only_an_orphaned_site_moves():
     assignment = SiteAssignment(SITES, echo=lambda line: None)
-
-    class Grid:
-        nodes = [1, 2]
-
-        def get_node_ids(self):
-            return list(self.nodes)
-
-        def send_and_receive(self, messages, *, timeout=None):
-            return [Message(RecordDict({"node": ConfigRecord({"sites": "*"})}), reply_to=m) for m in messages]
-
-    grid = Grid()
+    grid = QueryGrid({1: "*", 2: "*", 3: "*"})
     with server_task_identity():
         assignment.refresh(grid)
-        assert assignment.node_of_site == {"ptb": 1, "ptbxl": 2, "mimic": 1, "cinc": 2}
-        grid.nodes = [2]
+        assert assignment.node_of_site == {"ptb": 1, "ptbxl": 2, "mimic": 3, "cinc": 1}
+        grid.nodes = [1, 3]
         assignment.refresh(grid)
-        assert assignment.node_of_site == {s: 2 for s in SITES}
+        assert assignment.node_of_site == {"ptb": 1, "ptbxl": 3, "mimic": 3, "cinc": 1}
+        grid.nodes = [3]
+        assignment.refresh(grid)
+        assert assignment.node_of_site == {s: 3 for s in SITES}
+
+
+def test_the_node_playing_a_site_keeps_it_against_a_newcomer_claiming_it():
+    lines = []
+    assignment = SiteAssignment(["ptb", "mimic"], echo=lines.append)
+    grid = QueryGrid({900: "ptb", 901: "mimic"})
+    with server_task_identity():
+        assignment.refresh(grid)
+        grid.answers[5] = "ptb"
+        grid.nodes = [900, 901, 5]
+        assignment.refresh(grid)
+    assert assignment.node_of_site == {"ptb": 900, "mimic": 901}
+    assert lines == ["node 5 also claims site 'ptb' (node 900 plays it): it is left out"]
+
+
+def test_a_node_that_does_not_answer_is_not_asked_again_every_round():
+    assignment = SiteAssignment(["ptb", "mimic"], echo=lambda line: None)
+    grid = QueryGrid({1: "*"}, nodes=[1, 2])
+    with server_task_identity():
+        for _ in range(3):
+            assignment.refresh(grid)
+    assert grid.asked == [[1, 2]]
+    assert assignment.node_of_site == {"ptb": 1, "mimic": 1}
+
+
+class RacingGrid(InProcessGrid):
+    """Flower's simulation engine: the messages of one call run at once, each on a copy of its
+    node's Context, and the node keeps whichever copy comes back last."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent += messages
+        returned, replies = {}, []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            context = copy.deepcopy(self.contexts[node])
+            replies.append(deliver(msg, context))
+            returned[node] = context  # the last one wins
+        self.contexts.update(returned)
+        return replies
+
+
+def test_a_node_playing_two_sites_keeps_both_sites_state_across_rounds(tmp_path):
+    """DP accountants of the two sites of each node survive: epsilon grows at every site."""
+    run = {**BASE, "dp": True, "num-server-rounds": 2, "out-dir": str(tmp_path / "run")}
+    outcome = _serve(run, RacingGrid(run, n_nodes=2), [])
+    for site in SITES:
+        eps1, eps2 = outcome.log.value(1, site, "epsilon"), outcome.log.value(2, site, "epsilon")
+        assert eps2 > eps1 > 0, (site, eps1, eps2)
 
 
 class LeavingGrid(InProcessGrid):
