@@ -144,7 +144,7 @@ class SiteTracking:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         site_of_message = {m.metadata.message_id: site for m, site in self._eval_sent}
-        self.last_eval = {}
+        self.last_eval, kept = {}, []
         for msg in replies:
             site = site_of_message.get(msg.metadata.reply_to_message_id)
             if msg.has_error():
@@ -154,11 +154,10 @@ class SiteTracking:
             named = msg.content.config_records.get("site", {}).get("site")
             if site is not None and named == site:
                 self.last_eval[site] = _scalars(msg.content)
+                kept.append(msg)
             else:
                 print(f"round {server_round + self.round_offset}: an evaluation reply names site {named!r}, "
                       f"its message was for {site!r}: left out", flush=True)
-        kept = [m for m in replies if not m.has_error() and m.content.config_records.get("site", {}).get("site")
-                == site_of_message.get(m.metadata.reply_to_message_id)]
         return super().aggregate_evaluate(server_round + self.round_offset, kept)
 
     # ----------------------------------------------------------- server optimiser state

@@ -28,3 +28,12 @@ def kit_data() -> Path:
             pytest.fail(msg + " - FED_ECG_REQUIRE_KIT_DATA=1 makes this a failure")
         pytest.skip(msg)
     return KIT_DATA
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache_root(tmp_path_factory):
+    """``$FED_ECG_CACHE`` for one test module: its synthetic caches (and runs), not the user's."""
+    root = tmp_path_factory.mktemp("fed-ecg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FED_ECG_CACHE", str(root))
+        yield root

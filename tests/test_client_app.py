@@ -27,13 +27,7 @@ BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "bat
         "local-epochs": 1, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    """Synthetic caches for this module, outside the user's ~/.cache."""
-    root = tmp_path_factory.mktemp("fed-ecg-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FED_ECG_CACHE", str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("synthetic_cache_root")  # caches outside ~/.cache
 
 
 def _global_arrays(run_config) -> ArrayRecord:

@@ -287,14 +287,20 @@ def names(pids: list[int]) -> list[str]:
     return found
 
 
-@pytest.mark.slow
-def test_sigkilled_client_wrapper_leaves_nothing_behind(federation, cache):
+def online_site(federation, cache):
+    """A SuperLink and one `python -m client` site, online; the site and its process tree."""
     fed, recorded = federation
     fed.start_server(tls=False)
     site = fed.start_site("ptb", cache, tls=False)
     fed.wait_online(1, timeout=90)
     tree = descendants(site.pid)
     recorded += tree
+    return site, tree
+
+
+@pytest.mark.slow
+def test_sigkilled_client_wrapper_leaves_nothing_behind(federation, cache):
+    site, tree = online_site(federation, cache)
     assert {"flower-supernode", "flower-superexec"} <= set(names(tree)), describe(tree)
     os.kill(site.pid, signal.SIGKILL)  # the wrapper alone, not its group
     t0 = time.monotonic()
@@ -304,12 +310,7 @@ def test_sigkilled_client_wrapper_leaves_nothing_behind(federation, cache):
 
 @pytest.mark.slow
 def test_sigterm_to_the_client_wrapper_still_stops_everything(federation, cache):
-    fed, recorded = federation
-    fed.start_server(tls=False)
-    site = fed.start_site("ptb", cache, tls=False)
-    fed.wait_online(1, timeout=90)
-    tree = descendants(site.pid)
-    recorded += tree
+    site, tree = online_site(federation, cache)
     os.kill(site.pid, signal.SIGTERM)
     rc = site.popen.wait(timeout=30)
     assert rc in (0, 128 + signal.SIGTERM), (rc, site.log()[-2000:])

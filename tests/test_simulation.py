@@ -20,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 SITES = ["ptb", "ptbxl", "mimic", "cinc"]
 
 
-@pytest.fixture(scope="module")
-def env_cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed-ecg-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FED_ECG_CACHE", str(root))
-        yield root
-
-
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -37,7 +29,7 @@ def _rows(path: Path) -> list[dict]:
     ("hierarchical", "fedavg", None),  # Flower's default node count (2): two sites per node
     ("cardioformer", "fedprox", 4),    # one node per site
 ])
-def test_four_site_simulation_runs_two_rounds(model, strategy, nodes, env_cache, tmp_path):
+def test_four_site_simulation_runs_two_rounds(model, strategy, nodes, synthetic_cache_root, tmp_path):
     out = tmp_path / "out"
     result = run_federation(
         DEFAULT_APP_DIR,
@@ -63,7 +55,7 @@ def test_four_site_simulation_runs_two_rounds(model, strategy, nodes, env_cache,
         assert noise not in result.log, (noise, result.log[-4000:])
 
 
-def test_failed_run_exits_non_zero_from_the_wrapper(env_cache, tmp_path):
+def test_failed_run_exits_non_zero_from_the_wrapper(synthetic_cache_root, tmp_path):
     """A site whose cache path holds no cache: its node's error is reported, the run ends
     finished:failed, and ``python -m simulations.run`` exits 1 although flwr run exits 0."""
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))

@@ -20,12 +20,7 @@ BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "bat
 SITES = ["ptb", "ptbxl", "mimic", "cinc"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fed-ecg-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FED_ECG_CACHE", str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("synthetic_cache_root")  # caches outside ~/.cache
 
 
 def _serve(run_config, grid, lines=None):
@@ -50,7 +45,7 @@ def test_two_simulated_nodes_serve_four_sites_each_message_naming_its_site(tmp_p
     assert any(line.startswith("sites by node: node 101: ptb,mimic; node 102: ptbxl,cinc") for line in lines), lines
 
 
-def test_deployed_nodes_play_their_own_sites_and_a_duplicate_is_left_out(tmp_path, cache_root):
+def test_deployed_nodes_play_their_own_sites_and_a_duplicate_is_left_out(tmp_path):
     run = {**BASE, "sites": "ptb,mimic", "out-dir": str(tmp_path / "run")}
     nodes = [{"site": "mimic"}, {"site": "ptb"}, {"site": "ptb"}, {"site": "cinc"}]
     grid = InProcessGrid(run, node_configs=nodes)
@@ -194,7 +189,7 @@ class LeavingGrid(InProcessGrid):
         return replies
 
 
-def test_a_site_whose_node_left_is_recorded_per_round_and_rejoins_with_a_new_node(tmp_path, cache_root):
+def test_a_site_whose_node_left_is_recorded_per_round_and_rejoins_with_a_new_node(tmp_path):
     from shared.federation.site_data import ensure_cache
 
     run = {**BASE, "sites": "ptb,mimic", "num-server-rounds": 3, "fraction-evaluate": 0.0,
