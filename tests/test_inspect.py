@@ -94,3 +94,20 @@ def test_cli_inspect_prints_json_and_fails_cleanly(tmp_path, kit_data):
     bad = subprocess.run([sys.executable, "-m", "shared.data", "inspect", str(kit_data / "ptb-xl" / "records100" / "00000" / "00001_lr"),
                           "--site", "ptbxl"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "ptbxl_database.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_inspect_a_ptb_bundle_branch_block_record_shows_cd_unavailable(tmp_path, kit_data):
+    # PTB has no CD negatives: a record admitted for bundle branch block states CD, but CD is
+    # not available at PTB, so the record counts for no class positive (issue 13)
+    src = kit_data / "ptbdb" / "patient001"
+    dest = tmp_path / "ptbdb" / "patient001"
+    dest.mkdir(parents=True)
+    for ext in (".dat", ".xyz"):
+        (dest / f"s0010_re{ext}").write_bytes((src / f"s0010_re{ext}").read_bytes())
+    header = (src / "s0010_re.hea").read_text()
+    (dest / "s0010_re.hea").write_text(header.replace("Reason for admission: Myocardial infarction",
+                                                      "Reason for admission: Bundle branch block"))
+    out = inspect_record(dest / "s0010_re", "ptb")
+    assert out["labels"] == ["CD"]
+    assert out["label_available"]["CD"] is False
+    assert out["labels_counted"] == []

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from shared.data.labels import (
-    TABLES_DIR, availability, get_label_space, harmonise, load_mapping, record_mask, unknown_labels,
+    TABLES_DIR, availability, get_label_space, harmonise, load_mapping, masked_labels, record_mask, unknown_labels,
 )
 from shared.data.readers.cinc import parse_dx
 from shared.data.readers.fastio import read_header
@@ -132,10 +132,17 @@ def test_availability_marks_classes_a_site_cannot_state_as_unknown():
     assert availability("cinc", subsource="unlisted").all()  # falls back to the site row
 
 
-def test_unknown_classes_are_never_negatives_in_the_record_mask():
-    # a PTB bundle-branch-block patient: CD positive is kept, STTC/HYP stay unknown
-    assert record_mask("ptb", ["Bundle branch block"]).tolist() == [1, 1, 0, 1, 0]
+def test_unknown_classes_contribute_nothing_positives_included():
+    # a PTB bundle-branch-block patient: PTB cannot state CD negatives, so its CD positive is
+    # masked out too (a positives-only class would let a model learn the site, issue 13)
+    assert record_mask("ptb", ["Bundle branch block"]).tolist() == [1, 1, 0, 0, 0]
     assert record_mask("ptb", ["Myocardial infarction"]).tolist() == [1, 1, 0, 0, 0]
+    labels, mask = masked_labels("ptb", ["Bundle branch block"])
+    assert labels.tolist() == [0, 0, 0, 0, 0] and mask.tolist() == [1, 1, 0, 0, 0]
+    assert harmonise("ptb", ["Bundle branch block"]).tolist() == [0, 0, 0, 1, 0]  # still stated
+    # an MI code in a CinC sub-source that cannot state MI is masked out as well
+    labels, mask = masked_labels("cinc", ["164865005"], subsource="georgia")
+    assert mask[SUPER.index("MI")] == 0 and labels[SUPER.index("MI")] == 0
     # a CPSC record cannot say 'no MI'
     assert record_mask("cinc", ["426783006"], subsource="cpsc").tolist() == [1, 0, 1, 1, 0]
     labels = harmonise("cinc", ["426783006"])
@@ -184,3 +191,24 @@ def test_rhythm_availability():
     assert not availability("ptb", "rhythm").any()  # PTB never states the rhythm
     assert availability("cinc", "rhythm", subsource="ningbo").tolist() == [True, False, True, True, True]
     assert RHYTHM.names(harmonise("mimic", ["Sinus arrhythmia", "Atrial flutter"], "rhythm")) == ["AFL"]
+
+
+def test_the_cache_labeler_leaves_no_positives_only_class_at_any_synthetic_site():
+    # what training, federated/pooled evaluation and the pooled test read: the cache's labels and
+    # mask from LabelSpaceLabeler. A class a site cannot state contributes nothing there.
+    from shared.data.prepare import LabelSpaceLabeler
+    from shared.data.synthetic import SyntheticReader
+
+    labeler = LabelSpaceLabeler()
+    for site in ("ptb", "cinc"):
+        reader = SyntheticReader(site, 300, seed=0)
+        stated_unavailable = 0
+        for ref in reader.list_records():
+            rec = reader.read(ref)
+            labels, mask = labeler.label(site, rec)
+            sub = rec.meta.get("subsource")
+            assert mask.tolist() == availability(site, subsource=sub).astype(int).tolist()
+            assert not (labels.astype(bool) & ~mask.astype(bool)).any()
+            stated_unavailable += int((harmonise(site, rec.native_labels).astype(bool) & ~mask.astype(bool)).any())
+        if site == "ptb":  # its generator states CD/HYP admissions: the rule is exercised
+            assert stated_unavailable > 0

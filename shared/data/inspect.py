@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .labels import DEFAULT_SPACE, get_label_space, harmonise, record_mask
+from .labels import DEFAULT_SPACE, get_label_space, harmonise, masked_labels
 from .readers import ref_for_path
 from .readers.fastio import read_header
 
@@ -32,7 +32,7 @@ def inspect_record(path: str | Path, site: str, head: int | None = None, space: 
     header = read_header(record.source)
     ls = get_label_space(space)
     labels = harmonise(site, record.native_labels, ls)
-    mask = record_mask(site, record.native_labels, ls, subsource=record.meta.get("subsource"))
+    counted, mask = masked_labels(site, record.native_labels, ls, subsource=record.meta.get("subsource"))
     meta = {k: v for k, v in record.meta.items() if k not in ("fast_path", "stored_lead_order")}
     out: dict[str, Any] = {
         "site": site,
@@ -48,7 +48,10 @@ def inspect_record(path: str | Path, site: str, head: int | None = None, space: 
         "native_labels": list(record.native_labels),
         "label_space": ls.name,
         "labels": ls.names(labels),
+        # per class: can this site (CinC: sub-source) state it both ways? Where not, the class
+        # contributes nothing for this record, a stated positive included (``labels_counted``).
         "label_available": {c: bool(m) for c, m in zip(ls.classes, mask)},
+        "labels_counted": ls.names(counted),
         "gain_fixed": bool(record.meta.get("gain_fixed", False)),
         "meta": meta,
     }

@@ -49,7 +49,7 @@ DATASETS: dict[str, str] = {
 }
 DEFAULT_CHUNK_RECORDS = 64
 #: Bump when a code change alters the cache content for the same config (invalidates old caches).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the label mask is the site's availability only (issue 13)
 
 
 class Labeler(Protocol):
@@ -66,8 +66,8 @@ class Labeler(Protocol):
 class LabelSpaceLabeler:
     """The project's label tables (``shared.data.labels``) for one label space.
 
-    A record's mask is the site's (or CinC sub-source's) availability plus its stated
-    positives (``labels.record_mask``); labels are 1 only where the mask is 1.
+    A record's mask is the site's (or CinC sub-source's) availability (``labels.record_mask``);
+    labels are 1 only where the mask is 1 (a stated positive of an unavailable class is dropped).
     """
 
     def __init__(self, space: str = "superclass"):
@@ -83,14 +83,10 @@ class LabelSpaceLabeler:
         return np.asarray(availability(site, self._space), dtype=bool)
 
     def label(self, site: str, record: EcgRecord) -> tuple[np.ndarray, np.ndarray]:
-        from .labels import harmonise, record_mask
+        from .labels import masked_labels
 
-        labels = np.asarray(harmonise(site, record.native_labels, self._space), dtype=np.uint8)
-        mask = np.asarray(
-            record_mask(site, record.native_labels, self._space, subsource=record.meta.get("subsource")),
-            dtype=np.uint8,
-        )
-        return labels, mask
+        labels, mask = masked_labels(site, record.native_labels, self._space, subsource=record.meta.get("subsource"))
+        return np.asarray(labels, dtype=np.uint8), np.asarray(mask, dtype=np.uint8)
 
 
 @dataclass

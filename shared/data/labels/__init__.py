@@ -16,8 +16,12 @@ and correct without touching code:
   when no other class is positive and no statement blocks it), ``single_reason`` (PTB: one
   reason per record).
 
-A class that is unknown at a site is never a negative there: :func:`availability` gives the
-site-level mask, :func:`record_mask` the per-record one (site mask, plus every stated positive).
+A class that is unknown at a site (or CinC sub-source) contributes nothing there, positives
+included: :func:`availability` gives the site-level mask and :func:`record_mask` the per-record
+one, which is that availability and nothing else. A stated positive of a class the site cannot
+also state negatively (PTB's "Bundle branch block" admission -> CD) is masked out, because a
+class with positives but no negatives at one site lets a model learn "this site" in place of
+"this disease" (issue 13).
 """
 
 from __future__ import annotations
@@ -209,10 +213,23 @@ def harmonise(site: str, native_labels: Iterable[str], space: str | LabelSpace =
 def record_mask(
     site: str, native_labels: Iterable[str], space: str | LabelSpace = DEFAULT_SPACE, subsource: str | None = None
 ) -> np.ndarray:
-    """``uint8[K]``: 1 where this record's label is known (site/sub-source mask, plus stated positives)."""
+    """``uint8[K]``: 1 where this record's label counts, i.e. the site's (or sub-source's) availability.
+
+    Stated positives of an unavailable class are *not* added back: such a class contributes
+    nothing at that site (training loss, evaluation, pooled test). ``native_labels`` is kept in
+    the signature so callers stay per-record; the mask does not depend on it.
+    """
+    del native_labels
+    return availability(site, space, subsource).astype(np.uint8)
+
+
+def masked_labels(
+    site: str, native_labels: Iterable[str], space: str | LabelSpace = DEFAULT_SPACE, subsource: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, mask)``, both ``uint8[K]``: :func:`harmonise` zeroed where :func:`record_mask` is 0."""
     labels = tuple(native_labels)
-    known = availability(site, space, subsource)
-    return (known | harmonise(site, labels, space).astype(bool)).astype(np.uint8)
+    mask = record_mask(site, labels, space, subsource)
+    return (harmonise(site, labels, space) * mask).astype(np.uint8), mask
 
 
 def explain(site: str, native_labels: Iterable[str], space: str | LabelSpace = DEFAULT_SPACE) -> list[dict[str, str]]:
@@ -225,5 +242,5 @@ def explain(site: str, native_labels: Iterable[str], space: str | LabelSpace = D
 
 __all__ = [
     "DEFAULT_SPACE", "LabelSpace", "SPACES", "TABLES_DIR", "availability", "explain", "get_label_space",
-    "harmonise", "load_mapping", "matched_rows", "record_mask", "unknown_labels",
+    "harmonise", "load_mapping", "masked_labels", "matched_rows", "record_mask", "unknown_labels",
 ]
