@@ -14,7 +14,7 @@ from shared.metrics import masked_auroc_per_class, masked_macro_auroc, record_le
 from shared.training.losses import masked_bce_with_logits
 
 
-def test_masked_bce_is_the_mean_over_known_entries():
+def test_masked_bce_is_each_samples_masked_mean_then_the_batch_mean():
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 5), torch.randint(0, 2, (6, 5)).float()
     mask = torch.ones(6, 5)
@@ -22,7 +22,56 @@ def test_masked_bce_is_the_mean_over_known_entries():
     mask[0, 0] = 0
     loss = masked_bce_with_logits(logits, targets, mask)
     known = mask.bool()
+    per_sample = [F.binary_cross_entropy_with_logits(logits[i][known[i]], targets[i][known[i]]) for i in range(6)]
+    assert loss.item() == pytest.approx(torch.stack(per_sample).mean().item())
+    # with equal masks in every row it is also the mean over all known entries
+    mask = torch.ones(6, 5)
+    mask[:, 2] = 0
+    known = mask.bool()
+    loss = masked_bce_with_logits(logits, targets, mask)
     assert loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits[known], targets[known]).item())
+
+
+def test_per_sample_gradient_does_not_depend_on_other_samples_masks():
+    """DP-SGD's per-sample sensitivity: Opacus's per-sample gradient of sample 0 stays the same when
+    sample 1's mask changes (a batch-wide mask count made it change)."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    x, targets = torch.randn(3, 8), torch.randint(0, 2, (3, 5)).float()
+    base = torch.nn.Linear(8, 5)
+
+    def grad_of_sample0(mask):
+        model = GradSampleModule(torch.nn.Linear(8, 5))
+        model._module.load_state_dict(base.state_dict())
+        masked_bce_with_logits(model(x), targets, mask).backward()
+        return model._module.weight.grad_sample[0].clone() * x.shape[0]  # Opacus scales by 1/B for mean
+
+    mask_a = torch.ones(3, 5)
+    mask_b = mask_a.clone()
+    mask_b[1, 1:] = 0  # sample 1 now knows one class only
+    mask_b[2, :2] = 0
+    g_a, g_b = grad_of_sample0(mask_a), grad_of_sample0(mask_b)
+    assert torch.allclose(g_a, g_b, atol=1e-7)
+    # The check can fail: the old batch-wide normalisation does change sample 0's gradient.
+    def old_loss(logits, y, m):
+        per_entry = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        return (per_entry * m).sum() / m.sum()
+
+    def old_grad(mask):
+        model = GradSampleModule(torch.nn.Linear(8, 5))
+        model._module.load_state_dict(base.state_dict())
+        old_loss(model(x), targets, mask).backward()
+        return model._module.weight.grad_sample[0].clone()
+
+    assert not torch.allclose(old_grad(mask_a), old_grad(mask_b), atol=1e-7)
+
+
+def test_empty_batch_is_a_zero_loss():
+    logits = torch.zeros(0, 5, requires_grad=True)
+    loss = masked_bce_with_logits(logits, torch.zeros(0, 5), torch.zeros(0, 5))
+    loss.backward()
+    assert loss.item() == 0.0
 
 
 def test_unknown_entries_get_zero_gradient_whatever_their_target():
