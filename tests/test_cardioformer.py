@@ -154,114 +154,85 @@ def test_layer_recomputation_gives_the_same_gradients():
     assert not build("paper", n_leads=12, input_samples=250, n_classes=5, dp=True, recompute_layers=True).recompute_layers
 
 
-def _train_forward_backward(model: Cardioformer, x: torch.Tensor, y: torch.Tensor, seed: int = 9):
-    torch.manual_seed(seed)  # the same augmentation and dropout draws on every path
-    logits = model(x)
-    F.binary_cross_entropy_with_logits(logits, y).backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+def released_forward(model: Cardioformer, x: torch.Tensor) -> torch.Tensor:
+    """The released code's evaluation forward (Medformer's ``ListPatchEmbedding``,
+    ``MedformerLayer`` with separate q/k/v projections and an explicit softmax, ``EncoderLayer``
+    with kernel-1 ``Conv1d`` blocks, one list entry per granularity), re-expressed here with this
+    model's weights copied into that layout."""
+    emb, d = model.embedding, model.norm.normalized_shape[0]
+
+    def positions(n: int) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+        div = torch.exp(torch.arange(0, d, 2, dtype=torch.float32) * -(np.log(10000.0) / d))
+        table = torch.zeros(n, d)
+        table[:, 0::2], table[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        return table
+
+    def attention_layer(module, queries: torch.Tensor) -> torch.Tensor:
+        wq, wk, wv = module.qkv.weight.chunk(3)
+        bq, bk, bv = module.qkv.bias.chunk(3)
+        b, n, _ = queries.shape
+        h = module.n_heads
+        q, k, v = (F.linear(queries, w, bias).view(b, n, h, d // h) for w, bias in ((wq, bq), (wk, bk), (wv, bv)))
+        scores = torch.einsum("blhe,bshe->bhls", q, k) / np.sqrt(d // h)
+        out = torch.einsum("bhls,bshd->blhd", torch.softmax(scores, dim=-1), v).reshape(b, n, d)
+        return F.linear(out, module.out.weight, module.out.bias)
+
+    xs = []
+    for g, p in enumerate(model.patch_lengths):
+        padded = F.pad(x, (0, p), mode="replicate").unsqueeze(1)  # ReplicationPad1d((0, p))
+        tokens = F.conv2d(padded, emb.patch_convs[g].weight, stride=(1, p)).squeeze(2).transpose(1, 2)
+        xs.append(tokens + emb.granularity_embeddings[g].weight + positions(tokens.shape[1]))
+    for layer in model.layers:
+        stage = layer.attention
+        intra = [attention_layer(stage.intra[g], t) for g, t in enumerate(xs)]
+        routed = attention_layer(stage.inter, torch.cat([t[:, -1:] for t in intra], dim=1))
+        intra = [torch.cat([t[:, :-1], routed[:, g:g + 1]], dim=1) for g, t in enumerate(intra)]
+        xs = [layer.norm1(t + a) for t, a in zip(xs, intra)]
+        out = []
+        for t in xs:
+            y = t.transpose(1, 2)  # [B, D, n]: the released Conv1d layout
+            for block in layer.blocks:
+                hidden = F.gelu(F.conv1d(y, block.expand.weight.unsqueeze(-1), block.expand.bias))
+                y = block.norm((y + F.conv1d(hidden, block.project.weight.unsqueeze(-1), block.project.bias)).transpose(1, 2)).transpose(1, 2)
+            out.append(layer.norm2(t + y.transpose(1, 2)))
+        xs = out
+    encoded = torch.cat([model.norm(t) for t in xs], dim=1)
+    return model.classifier(F.gelu(encoded).flatten(1))
 
 
-@pytest.mark.parametrize("recomputed", [0, 2])
-@pytest.mark.parametrize("overrides", [
-    {},  # the tiny preset
-    {"n_heads": 2, "d_model": 16, "d_ff": 25, "patch_lengths": [3, 5, 5, 7], "n_layers": 3},  # odd sizes
-])
-def test_fused_kernels_compute_what_the_module_path_computes(overrides, recomputed, monkeypatch):
-    """Outputs and every gradient of a training step agree with the module path (same seed, so
-    the same dropout masks), with chunks small enough that several run, the last one partial,
-    whether the pre-GELU activations are kept or recomputed."""
-    import shared.models.cardioformer_fused as fused
-
-    monkeypatch.setattr(fused, "RECOMPUTED_PRE_GELU", recomputed)
-    monkeypatch.setattr(fused, "TAIL_ROWS", 37)
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK_BYTES", 3 * 4 * 2 * 30 * 30)
-    x, y = torch.randn(5, 15, 300), torch.randint(0, 2, (5, 5)).float()
-    results = []
-    for fused_layers in (False, True):
-        model = tiny(n_leads=15, input_samples=300, seed=3, fused_layers=fused_layers, **overrides).train()
-        results.append(_train_forward_backward(model, x, y))
-    (out_module, grads_module), (out_fused, grads_fused) = results
-    torch.testing.assert_close(out_fused, out_module, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_module.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    for fused_layers in (False, True):  # evaluation, with and without a graph
-        model = tiny(n_leads=15, input_samples=300, seed=3, fused_layers=fused_layers, **overrides).eval()
-        with torch.no_grad():
-            results.append(model(x))
-    torch.testing.assert_close(results[3], results[2], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("overrides", [{}, {"patch_lengths": [4, 8, 8, 16], "n_layers": 3}])
+def test_logits_equal_the_released_forward_with_the_same_weights(overrides):
+    """Eval mode, and training mode with dropout and augmentation off (the same function)."""
+    x = torch.randn(3, 15, 300)
+    model = tiny(n_leads=15, input_samples=300, seed=2, **overrides).eval()
+    with torch.no_grad():
+        expected = released_forward(model, x)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+        quiet = tiny(n_leads=15, input_samples=300, seed=2, dropout=0.0, augmentations=["none"], **overrides).train()
+        torch.testing.assert_close(quiet(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_kernels_reuse_their_buffers_safely_across_steps_and_retained_graphs():
-    """Buffers go back to the pool after a backward that frees the graph and are reused by the
-    next step; under retain_graph they stay untouched for the second backward."""
-    from shared.models.cardioformer_fused import BUFFERS
-
-    x, y = torch.randn(3, 12, 250), torch.randint(0, 2, (3, 5)).float()
-    runs = []
-    for fused_layers in (False, True):
-        model = tiny(seed=4, fused_layers=fused_layers).train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(3):  # steps 2 and 3 run on pooled buffers
-            optimizer.zero_grad()
-            logits, _ = _train_forward_backward(model, x, y, seed=step)
-            optimizer.step()
-        runs.append((logits, [p.detach().clone() for p in model.parameters()]))
-    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-4, atol=1e-5)
-    for fused_param, module_param in zip(runs[1][1], runs[0][1]):
-        torch.testing.assert_close(fused_param, module_param, rtol=1e-4, atol=1e-5)
-    assert BUFFERS._free  # the pool holds the buffers of the last step
-
-    grads = []
-    for fused_layers in (False, True):  # two backward passes over one graph (explain does this)
-        model = tiny(seed=4, fused_layers=fused_layers).train()
-        inputs = x.clone().requires_grad_(True)
-        torch.manual_seed(5)
-        logits = model(inputs)
-        first = torch.autograd.grad(logits[:, 0].sum(), inputs, retain_graph=True)[0]
-        model(torch.randn_like(x))  # a forward in between may take pooled buffers
-        second = torch.autograd.grad(logits[:, 1].sum(), inputs)[0]
-        grads.append((first, second))
-    for fused_grad, module_grad in zip(grads[1], grads[0]):
-        torch.testing.assert_close(fused_grad, module_grad, rtol=1e-4, atol=1e-6)
+def test_augmentation_is_chosen_on_the_device_one_per_granularity():
+    """``_augment`` keeps exactly the numbered candidate; the choice is a tensor, never a Python int."""
+    model = tiny(augmentations=["none", "scale0.2"]).train()
+    tokens = torch.randn(2, 9, 32)
+    assert torch.equal(model.embedding._augment(tokens, torch.tensor(0)), tokens)
+    scaled = model.embedding._augment(tokens, torch.tensor(1))
+    ratio = scaled / tokens  # one factor per sample and token
+    assert not torch.equal(scaled, tokens)
+    torch.testing.assert_close(ratio, ratio[..., :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
 
 
-def test_fused_kernels_keep_less_for_backward_than_the_module_path():
-    """What autograd keeps after a training forward (distinct storages, parameters excluded)."""
-    x = torch.randn(16, 12, 250)
-
-    def kept_bytes(model: Cardioformer) -> int:
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x)
-        return sum(storages.values())
-
-    module_path = kept_bytes(tiny(seed=1, fused_layers=False).train())
-    fused_path = kept_bytes(tiny(seed=1).train())
-    assert fused_path < 0.6 * module_path, (fused_path, module_path)
-
-
-def test_fused_kernels_stand_aside_for_opacus_hooks_autocast_and_the_dp_form():
+def test_recomputation_stands_aside_for_opacus_hooks_and_the_dp_form():
     from opacus import GradSampleModule
 
-    model = tiny().train()
-    x = torch.randn(2, 12, 250)
-    assert model.fused_layers and model._fused_now(False, x)
-    assert not model._fused_now(True, x)  # attention maps asked for (explain)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not model._fused_now(False, x)
-    assert not build("tiny", n_leads=12, input_samples=250, n_classes=5, dp=True).fused_layers
+    model = tiny(recompute_layers=True).train()
+    assert model._recompute_now(False) and not model._recompute_now(True)  # maps asked for (explain)
+    assert not build("tiny", n_leads=12, input_samples=250, n_classes=5, dp=True, recompute_layers=True).recompute_layers
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     GradSampleModule(model, batch_first=True, loss_reduction="mean")  # hooks every trainable layer
-    assert not model._fused_now(False, x)
+    assert not model._recompute_now(False)
 
 
 def test_dp_form_passes_opacus_validation_and_trains_one_private_step():

@@ -146,6 +146,23 @@ def test_lead_attention_sums_each_leads_channel_rows():
         tiny(gated=False).lead_attention(x)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_explain_runs_in_eval_mode_and_restores_the_mode(gated):
+    """A model in training mode: explain neither updates BatchNorm statistics nor draws dropout,
+    gives the eval-mode logits, and leaves the model in training mode."""
+    torch.manual_seed(0)
+    m = tiny(gated=gated).train()
+    x = torch.randn(2, 12, 2500)
+    m(x)  # BatchNorm statistics away from their initial values
+    stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k or "num_batches" in k}
+    first, second = m.explain(x), m.explain(x)
+    assert m.training
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in stats.items())
+    torch.testing.assert_close(first["lead_importance"], second["lead_importance"])
+    with torch.no_grad():
+        torch.testing.assert_close(first["logits"], m.eval()(x))
+
+
 def test_site_local_names_are_the_conv_norm_state_entries():
     m = tiny()
     names = m.site_local_parameter_names()

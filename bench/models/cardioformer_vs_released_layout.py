@@ -11,12 +11,10 @@ parameter count (8,702,597, asserted), same FLOPs. The two alternate in fresh ch
 (own peak RSS each) so both see the same load; the ratio is the comparable figure.
 
     python bench/models/cardioformer_vs_released_layout.py [--threads 2] [--steps 3] [--rounds 2]
-        [--impls ours released_layout ours_module_path ours_recompute] [--recomputed-pre-gelu N]
-        [--interleaved TURNS]
+        [--impls ours released_layout ours_recompute] [--interleaved TURNS]
 
-``ours`` is the ``paper`` preset as it ships (the fused kernels of ``cardioformer_fused``);
-``ours_module_path`` the same model with ``fused_layers=False`` (what Opacus trains);
-``ours_recompute`` the shipped model with ``recompute_layers=True`` as well. CPU seconds per
+``ours`` is the ``paper`` preset as it ships; ``ours_recompute`` the same model with
+``recompute_layers=True``. CPU seconds per
 step (process CPU time) are printed beside the wall-clock rates.
 
 Prints one JSON line per child run and a summary: the median of each figure per
@@ -126,17 +124,12 @@ class ReleasedLayoutCardioformer(nn.Module):
         return self.head(out.reshape(out.shape[0], -1))
 
 
-def build(impl: str, recomputed_pre_gelu: int | None = None) -> nn.Module:
+def build(impl: str) -> nn.Module:
     """One implementation at the paper configuration (8,702,597 parameters, asserted)."""
     if impl.startswith("ours"):
         from shared.models import build_model
 
-        if recomputed_pre_gelu is not None:
-            import shared.models.cardioformer_fused as fused
-
-            fused.RECOMPUTED_PRE_GELU = recomputed_pre_gelu
-        options = {"ours": {}, "ours_module_path": {"fused_layers": False},
-                   "ours_recompute": {"recompute_layers": True}}[impl]
+        options = {"ours": {}, "ours_recompute": {"recompute_layers": True}}[impl]
         model = build_model("cardioformer", "paper", n_leads=12, input_samples=250, n_classes=5, **options)
     else:
         model = ReleasedLayoutCardioformer()
@@ -151,13 +144,13 @@ def training_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
     opt.step()
 
 
-def interleaved(impls: list[str], pairs: int, threads: int, batch: int, recomputed_pre_gelu: int | None) -> dict:
+def interleaved(impls: list[str], pairs: int, threads: int, batch: int) -> dict:
     """Every implementation in this one process, one training step each in turn (the order
     rotating), ``pairs`` turns: each turn's ratios see the same moment of a drifting machine."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     x, y = torch.randn(batch, 12, 250), (torch.rand(batch, 5) > 0.5).float()
-    models = {impl: build(impl, recomputed_pre_gelu) for impl in impls}
+    models = {impl: build(impl) for impl in impls}
     opts = {impl: torch.optim.Adam(m.parameters(), lr=1e-4) for impl, m in models.items()}
     for impl, model in models.items():  # warm-up: two inference passes, five training steps
         with torch.no_grad():
@@ -189,7 +182,7 @@ def interleaved(impls: list[str], pairs: int, threads: int, batch: int, recomput
 def child(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    model = build(spec["impl"], spec.get("recomputed_pre_gelu"))
+    model = build(spec["impl"])
     params = sum(p.numel() for p in model.parameters())
     x, y = torch.randn(spec["batch"], 12, 250), (torch.rand(spec["batch"], 5) > 0.5).float()
 
@@ -231,9 +224,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="alternating (ours, released layout) pairs")
     ap.add_argument("--impls", nargs="+", default=["ours", "released_layout"],
-                    choices=["ours", "released_layout", "ours_module_path", "ours_recompute"])
-    ap.add_argument("--recomputed-pre-gelu", type=int, default=None,
-                    help="override shared.models.cardioformer_fused.RECOMPUTED_PRE_GELU in our children")
+                    choices=["ours", "released_layout", "ours_recompute"])
     ap.add_argument("--interleaved", type=int, default=0, metavar="TURNS",
                     help="instead: training only, every implementation in one process, TURNS turns")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -242,13 +233,12 @@ def main() -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     if args.interleaved:
-        print(json.dumps(interleaved(args.impls, args.interleaved, args.threads, args.batch, args.recomputed_pre_gelu)))
+        print(json.dumps(interleaved(args.impls, args.interleaved, args.threads, args.batch)))
         return 0
     runs = []
     for round_index in range(args.rounds):
         for impl in args.impls:
-            spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch,
-                    "recomputed_pre_gelu": args.recomputed_pre_gelu}
+            spec = {"impl": impl, "threads": args.threads, "steps": args.steps, "batch": args.batch}
             out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"child {impl} failed: {out.stderr.strip().splitlines()[-1]}")

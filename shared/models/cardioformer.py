@@ -17,7 +17,7 @@ Where this implementation departs from the released code in form but not in arit
 (docs/models.md has the full list): q/k/v projections are one stacked ``nn.Linear`` per
 attention module; the 1x1 Conv1d layers are ``nn.Linear``; the granularity vectors each sit in
 their own module; shared per-token layers run once on all tokens; equal-length granularities
-share one fused attention call. The parameter count is the released one exactly.
+share one ``F.scaled_dot_product_attention`` call. The parameter count is the released one exactly.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.models.common import Dropout
 from shared.models.cardioformer_blocks import (
     CardioformerLayer,
     CrossChannelPatchEmbedding,
@@ -49,12 +48,10 @@ EXPLAIN_METHODS = ("router_attention", "input_x_gradient")
 
 #: Architecture options a preset sets and ``build`` overrides accept.
 ARCHITECTURE_KEYS = ("d_model", "n_heads", "n_layers", "d_ff", "dropout", "patch_lengths", "augmentations")
-#: Execution options (no effect on the function computed): ``fused_layers`` runs each encoder
-#: layer through the lean autograd kernels of ``cardioformer_fused`` (on in every preset; the DP
-#: form, a hooked model and autocast use the module path); ``recompute_layers`` keeps only each
+#: Execution option (no effect on the function computed): ``recompute_layers`` keeps only each
 #: encoder layer's input(s) in a training forward and recomputes the layer in backward (less
-#: memory, more CPU time; off in every preset, see docs/models.md).
-EXECUTION_KEYS = ("fused_layers", "recompute_layers")
+#: memory, more compute; off in every preset and in the DP form, see docs/models.md).
+EXECUTION_KEYS = ("recompute_layers",)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The published PTB-XL configuration: 250 Hz, 1 s segments, 12 leads, 5 classes
@@ -63,20 +60,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
         "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "fused_layers": True, "recompute_layers": False,
+        "recompute_layers": False,
     },
     # The paper architecture on 2 s crops of the project's 250 Hz cache (5 crops per 10 s
     # window at evaluation): more rhythm context per prediction, sized for one modern GPU.
     "base": {
         "fs": 250, "seconds": 2.0, "n_leads": 12, "n_classes": 5, "d_model": 128, "n_heads": 8, "n_layers": 6, "d_ff": 256,
         "dropout": 0.1, "patch_lengths": PATCH_LENGTHS_PTBXL, "augmentations": PAPER_AUGMENTATIONS,
-        "fused_layers": True, "recompute_layers": False,
+        "recompute_layers": False,
     },
     # For CPUs, tests and the embedded demo: 2 layers, d_model 32, four granularities.
     "tiny": {
         "fs": 250, "seconds": 1.0, "n_leads": 12, "n_classes": 5, "d_model": 32, "n_heads": 4, "n_layers": 2, "d_ff": 64,
         "dropout": 0.1, "patch_lengths": [4, 8, 16, 32], "augmentations": PAPER_AUGMENTATIONS,
-        "fused_layers": True, "recompute_layers": False,
+        "recompute_layers": False,
     },
 }
 
@@ -124,8 +121,7 @@ class Cardioformer(nn.Module):
     def __init__(self, *, n_leads: int, input_samples: int, n_classes: int, d_model: int = 128,
                  n_heads: int = 8, n_layers: int = 6, d_ff: int = 256, dropout: float = 0.1,
                  patch_lengths: list[int] = tuple(PATCH_LENGTHS_PTBXL),
-                 augmentations: list[str] = tuple(PAPER_AUGMENTATIONS), fused_layers: bool = True,
-                 recompute_layers: bool = False):
+                 augmentations: list[str] = tuple(PAPER_AUGMENTATIONS), recompute_layers: bool = False):
         super().__init__()
         patch_lengths, augmentations = list(patch_lengths), list(augmentations)
         check_config(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, d_model=d_model,
@@ -141,16 +137,15 @@ class Cardioformer(nn.Module):
             CardioformerLayer(self.token_counts, d_model, n_heads, d_ff, dropout) for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)  # the encoder's final norm, over every token
-        self.head_dropout = Dropout(dropout)
+        self.head_dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(d_model * n_tokens, n_classes)
-        self.fused_layers = bool(fused_layers)
         self.recompute_layers = bool(recompute_layers)
         self.config: dict[str, Any] = {
             "name": "cardioformer", "preset": None, "n_leads": n_leads, "input_samples": input_samples,
             "n_classes": n_classes, "dp": False,
             "overrides": {"d_model": d_model, "n_heads": n_heads, "n_layers": n_layers, "d_ff": d_ff,
                           "dropout": dropout, "patch_lengths": patch_lengths, "augmentations": augmentations,
-                          "fused_layers": self.fused_layers, "recompute_layers": self.recompute_layers},
+                          "recompute_layers": self.recompute_layers},
         }
 
     # ------------------------------------------------------------------ forward
@@ -167,26 +162,23 @@ class Cardioformer(nn.Module):
         attention maps (head-averaged ``[B, G, G]`` per layer) when ``need_weights``."""
         self._check_input(x)
         tokens = self.embedding(x)
-        recompute, fused = self._recompute_now(need_weights), self._fused_now(need_weights, x)
+        recompute = self._recompute_now(need_weights)
         router_maps = []
         for layer in self.layers:
-            tokens, weights = layer(tokens, need_weights=need_weights, recompute=recompute, fused=fused)
+            tokens, weights = layer(tokens, need_weights=need_weights, recompute=recompute)
             router_maps.append(weights)
         return self.norm(tokens), router_maps
 
     def _unwatched(self, need_weights: bool) -> bool:
         """Nothing watches the layers one by one: no attention maps asked for, and no forward
         hook - Opacus (hooks mode) records each ``nn.Linear``'s activations in forward hooks,
-        which a fused kernel bypasses and a recomputed layer would fire twice, so any hook on
-        the classifier (Opacus hooks every trainable layer) switches both options off."""
+        which a recomputed layer would fire twice, so any hook on the classifier (Opacus hooks
+        every trainable layer) switches recomputation off."""
         return not need_weights and not self.classifier._forward_hooks and not self.classifier._forward_pre_hooks
 
     def _recompute_now(self, need_weights: bool) -> bool:
-        return self.recompute_layers and self.training and torch.is_grad_enabled() and self._unwatched(need_weights)
-
-    def _fused_now(self, need_weights: bool, x: torch.Tensor) -> bool:
-        """The fused kernels are written for one dtype: under autocast the module path runs."""
-        return self.fused_layers and self._unwatched(need_weights) and not torch.is_autocast_enabled(x.device.type)
+        return (self.recompute_layers and self.training and torch.is_grad_enabled()
+                and self._unwatched(need_weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.encode(x)
@@ -268,9 +260,8 @@ def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: 
     ``dp=True`` returns the form meant for Opacus. The architecture is the same: every layer is
     already one Opacus can clip per sample (Linear, Conv2d, LayerNorm, one-vector modules) and
     the embedding augmentation is per-sample noise, so it stays on (docs/models.md explains why
-    that keeps per-sample clipping valid). What changes: layer recomputation and the fused
-    kernels are off (Opacus's hooks must see each ``nn.Linear``'s forward, exactly once). The
-    flag is recorded in ``config``.
+    that keeps per-sample clipping valid). What changes: layer recomputation is off (Opacus's
+    hooks must see each ``nn.Linear``'s forward exactly once). The flag is recorded in ``config``.
     """
     if preset not in PRESETS:
         raise ValueError(f"cardioformer: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -282,7 +273,6 @@ def build(preset: str, *, n_leads: int, input_samples: int, n_classes: int, dp: 
     options.update(copy.deepcopy(overrides))
     if dp:
         options["recompute_layers"] = False
-        options["fused_layers"] = False
     model = Cardioformer(n_leads=n_leads, input_samples=input_samples, n_classes=n_classes, **options)
     model.config = {
         "name": "cardioformer", "preset": preset, "n_leads": n_leads, "input_samples": input_samples,

@@ -1,10 +1,9 @@
 """Building blocks of Cardioformer (arXiv 2505.05538), one job per class.
 
-A functional helper comes first: ``attention`` (scaled dot product with dropout on the
-weights; ``dropout`` itself is ``shared.models.common.dropout``). Then, top to bottom, the data
-path of one forward pass:
+Top to bottom, the data path of one forward pass:
 
-1. ``EmbeddingAugmentation``: one random augmentation per granularity, training only.
+1. ``EmbeddingAugmentation``: one augmentation of patch embeddings; ``CrossChannelPatchEmbedding``
+   picks one at random per granularity in training, without a host sync.
 2. ``GranularityEmbedding``: the learnable vector that tells the granularities apart.
 3. ``CrossChannelPatchEmbedding``: replication pad, then a Conv2d spanning all leads per patch.
 4. ``LinearAttention``: multi-head self-attention built from ``nn.Linear`` (Opacus can clip it).
@@ -34,8 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shared.models.cardioformer_fused import dropout_attention, layer_tail
-from shared.models.common import Dropout, dropout
 
 #: Augmentation names the model accepts: ``jitter<sigma>``, ``scale<sigma>``, ``drop<p>`` and
 #: ``none``, as in the released code's ``--augmentations`` option (e.g. ``jitter0.2``).
@@ -67,20 +64,6 @@ def parse_augmentation(spec: str) -> tuple[str, float]:
     )
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E)) v with dropout on the attention weights, ``[..., n, E]``.
-
-    Without dropout (evaluation) PyTorch's fused kernel runs and never materialises the maps.
-    With dropout no fused CPU kernel exists; the explicit form then keeps, per map element,
-    the softmax output, a one-byte dropout mask and the dropped map (PyTorch's own fallback
-    keeps three float maps).
-    """
-    if dropout_p == 0.0:
-        return F.scaled_dot_product_attention(q, k, v)
-    weights = torch.softmax((q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1), dim=-1)
-    return dropout(weights, dropout_p, True) @ v
-
-
 class EmbeddingAugmentation(nn.Module):
     """One augmentation of patch embeddings ``[B, n, D]``, active only in training mode.
 
@@ -102,7 +85,7 @@ class EmbeddingAugmentation(nn.Module):
         if self.kind == "scale":
             factor = 1.0 + torch.randn(x.shape[0], x.shape[1], 1, dtype=x.dtype, device=x.device) * self.strength
             return x * factor
-        return dropout(x, self.strength, True)
+        return F.dropout(x, self.strength, training=True)
 
     def extra_repr(self) -> str:
         return self.spec
@@ -179,17 +162,30 @@ class CrossChannelPatchEmbedding(nn.Module):
         patches = padded[..., : n * p].reshape(x.shape[0], x.shape[1], n, p)  # [B, C, n, p]
         return torch.einsum("bcnp,dcp->bcnd", patches, weight[:, 0])
 
+    def _augment(self, tokens: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+        """The augmentation numbered ``choice`` (a 0-d tensor on the tokens' device) applied to
+        ``tokens``. Every candidate is computed and ``torch.where`` keeps the chosen one, so the
+        choice never leaves the device (no host sync, no graph break under ``torch.compile``)."""
+        out = self.augmentations[0](tokens)
+        for i in range(1, len(self.augmentations)):
+            out = torch.where(choice == i, self.augmentations[i](tokens), out)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded_by_length: dict[int, torch.Tensor] = {}
         parts = []
+        choices = None
+        if self.training and len(self.augmentations) > 1:  # one draw per granularity, on the device
+            choices = torch.randint(len(self.augmentations), (len(self.patch_lengths),), device=x.device)
         for g, p in enumerate(self.patch_lengths):
             if p not in padded_by_length:  # granularities of equal length share the padded copy
                 padded_by_length[p] = F.pad(x, (0, p), mode="replicate").unsqueeze(1)
             tokens = self.patch_convs[g](padded_by_length[p])  # [B, D, 1, n]
             tokens = tokens.squeeze(2).transpose(1, 2)  # [B, n, D]
-            if self.training and len(self.augmentations) > 0:
-                choice = int(torch.randint(len(self.augmentations), (1,)))
-                tokens = self.augmentations[choice](tokens)
+            if self.training and len(self.augmentations) > 1:
+                tokens = self._augment(tokens, choices[g])
+            elif self.training and len(self.augmentations) == 1:
+                tokens = self.augmentations[0](tokens)
             parts.append(self.granularity_embeddings[g](tokens))
         return torch.cat(parts, dim=1) + self.positions
 
@@ -224,7 +220,7 @@ class LinearAttention(nn.Module):
         if need_weights:  # explicit softmax so the map can be returned (explain only)
             weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
             return self.merge(weights @ v), weights.mean(dim=1)  # weights: [B, n, n], head mean
-        return self.merge(attention(q, k, v, self.dropout if self.training else 0.0)), None
+        return self.merge(F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)), None
 
 
 class TwoStageAttention(nn.Module):
@@ -236,8 +232,9 @@ class TwoStageAttention(nn.Module):
     there is no inter stage (as in the released code).
 
     Speed-up, same arithmetic: granularities with the same token count have their
-    (separately projected) q, k, v stacked along the batch and go through ONE fused attention
-    call; each keeps its own projection weights.
+    (separately projected) q, k, v stacked along the batch and go through ONE
+    ``F.scaled_dot_product_attention`` call (dropout on the weights in training); each keeps its
+    own projection weights.
     """
 
     def __init__(self, token_counts: list[int], d_model: int, n_heads: int, dropout: float):
@@ -251,23 +248,14 @@ class TwoStageAttention(nn.Module):
             groups.setdefault(n, []).append(g)
         self.groups = list(groups.values())  # granularity indices sharing a token count
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False, fused: bool = False):
-        """``fused``: intra-granularity attention through ``cardioformer_fused.dropout_attention``
-        (same function, backward recomputes the maps instead of keeping them)."""
+    def forward(self, x: torch.Tensor, need_weights: bool = False):
         parts = x.split(self.token_counts, dim=1)
         outputs: list[torch.Tensor | None] = [None] * len(parts)
         p = self.dropout if self.training else 0.0
         for group in self.groups:
-            if fused:
-                projected = [self.intra[g].qkv(parts[g]) for g in group]  # each [B, n, 3D]
-                stacked = projected[0] if len(group) == 1 else torch.cat(projected, dim=0)
-                attended = dropout_attention(stacked, self.intra[group[0]].n_heads, p)  # [B * len, n, D]
-                for g, chunk in zip(group, attended.chunk(len(group), dim=0)):
-                    outputs[g] = self.intra[g].out(chunk)
-                continue
             qkv = [self.intra[g].heads(parts[g]) for g in group]  # each [3, B, H, n, E]
             stacked = qkv[0] if len(group) == 1 else torch.cat(qkv, dim=1)
-            attended = attention(stacked[0], stacked[1], stacked[2], p)
+            attended = F.scaled_dot_product_attention(stacked[0], stacked[1], stacked[2], dropout_p=p)
             for g, chunk in zip(group, attended.chunk(len(group), dim=0)):
                 outputs[g] = self.intra[g].merge(chunk)
         if self.inter is None:
@@ -292,7 +280,7 @@ class ResidualPointwiseBlock(nn.Module):
         super().__init__()
         self.expand = nn.Linear(d_model, d_ff)
         self.project = nn.Linear(d_ff, d_model)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -308,7 +296,7 @@ class CardioformerLayer(nn.Module):
     def __init__(self, token_counts: list[int], d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.attention = TwoStageAttention(token_counts, d_model, n_heads, dropout)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.blocks = nn.Sequential(*(ResidualPointwiseBlock(d_model, d_ff, dropout) for _ in range(3)))
         self.norm2 = nn.LayerNorm(d_model)
@@ -322,19 +310,10 @@ class CardioformerLayer(nn.Module):
         """Second half: three residual 1x1-conv blocks, residual + LayerNorm."""
         return self.norm2(x + self.blocks(x))
 
-    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The same layer through the lean kernels of ``cardioformer_fused``."""
-        attended, _ = self.attention(x, fused=True)
-        return layer_tail(x, attended, self.norm1, self.blocks, self.norm2, self.dropout.p if self.training else 0.0)
-
-    def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False, fused: bool = False):
+    def forward(self, x: torch.Tensor, need_weights: bool = False, recompute: bool = False):
         """``recompute``: keep only each half's input for backward and rerun the half there
-        (the same dropout masks are redrawn); ``fused``: run ``fused_forward``. The function
-        computed is the same in every mode."""
-        if fused:
-            if recompute:
-                return checkpoint(self.fused_forward, x, use_reentrant=False), None
-            return self.fused_forward(x), None
+        (``torch.utils.checkpoint`` restores the random state, so the same dropout masks are
+        redrawn). The function computed is the same either way."""
         if recompute:
             x = checkpoint(lambda t: self.attend(t)[0], x, use_reentrant=False)
             return checkpoint(self.pointwise, x, use_reentrant=False), None

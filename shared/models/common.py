@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,148 +33,6 @@ def sinusoidal_table(length: int, d_model: int) -> torch.Tensor:
     return table
 
 
-_KEEP_FROM = 32768  # a 16-bit draw d is kept when d >= round(p * 65536) - _KEEP_FROM
-_INT16_MAX = 32767  # a threshold above it keeps nothing (and would wrap to -32768 in int16)
-
-
-def dropout_keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean mask, each entry ``True`` (kept) with probability ``1 - p`` (to 1/65536).
-
-    Drawn as 16-bit integers cut from 64-bit random words (:class:`KeepMaskStream`, all rows at
-    once): on CPU drawing and comparing take about a ninth of the float ``bernoulli_`` that
-    ``nn.Dropout`` uses (0.067 against 0.61 s for 130 million entries on 2 threads,
-    ``bench/models/dropout_masks.py``). ``torch.manual_seed`` makes it reproducible.
-    """
-    n = math.prod(shape)
-    return KeepMaskStream((n,), p, device).rows(0, n).view(shape)
-
-
-class KeepMaskStream:
-    """A dropout keep mask of ``shape`` handed out a few leading-dimension rows at a time, in
-    order, without drawing the whole mask at once; the rows together are the mask
-    ``dropout_keep_mask(shape, p, device)`` returns from the same generator state.
-
-    Each entry is a uniform 16-bit integer, four per 64-bit random word, kept when at least
-    ``round(p * 65536) - 32768``. On CPU the words come from numpy's SFC64 generator seeded by
-    one draw from torch's default generator (so ``torch.manual_seed`` governs them): 1.6x as fast
-    as torch's CPU generator (0.060 against 0.095 s for 130 million entries,
-    ``bench/models/dropout_masks.py``). Elsewhere torch's generator of that device draws the
-    whole mask at once.
-    """
-
-    def __init__(self, shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu"):
-        self.shape, self._threshold, self._next_row = torch.Size(shape), round(p * 65536) - _KEEP_FROM, 0
-        self._per_row = math.prod(self.shape[1:])
-        self._whole = None
-        if self._threshold > _INT16_MAX:  # p within 1/131072 of 1: nothing is kept
-            self._whole = torch.zeros(self.shape, dtype=torch.bool, device=device)
-        elif torch.device(device).type == "cpu":
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            self._generator, self._carry = np.random.SFC64(seed), np.empty(0, np.int16)
-        else:
-            n = math.prod(self.shape)
-            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-            self._whole = words.view(torch.int16)[:n].view(self.shape) >= self._threshold
-
-    def rows(self, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Boolean keep mask of rows ``start:stop`` (``start`` must be where the last call stopped).
-
-        ``out``: a contiguous bool tensor of at least that many entries on the CPU to write the
-        rows into (a buffer reused from chunk to chunk; the result is a view of it).
-        """
-        if start != self._next_row or not start <= stop <= self.shape[0]:
-            raise ValueError(f"mask rows are handed out in order: expected rows from {self._next_row}, "
-                             f"asked for {start}:{stop} of {self.shape[0]}")
-        self._next_row = stop
-        if self._whole is not None:
-            return self._whole[start:stop]
-        n = (stop - start) * self._per_row
-        missing = n - len(self._carry)
-        draws = self._carry
-        if missing > 0:
-            words = self._generator.random_raw((missing + 3) // 4).view(np.int16)
-            draws = np.concatenate((self._carry, words)) if len(self._carry) else words
-        self._carry = draws[n:]
-        keep = torch.empty(n, dtype=torch.bool) if out is None else out.view(-1)[:n]
-        # numpy's compare: 5x faster here than torch's >= on int16 (bench/models/dropout_masks.py)
-        np.greater_equal(draws[:n], self._threshold, out=keep.numpy())
-        return keep.view(stop - start, *self.shape[1:])
-
-
-class _KeepAndScale(torch.autograd.Function):
-    """``x * keep * scale`` for a one-byte ``keep`` mask (uint8), which is all autograd keeps.
-
-    On CPU an in-place multiply by a uint8 mask is several times faster than ``masked_fill`` or
-    an out-of-place multiply by a bool mask (which first converts the mask to float).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(scale).mul_(keep)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return grad.mul(ctx.scale).mul_(keep), None, None
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``nn.Dropout``'s function (inverted dropout, identity in eval or at ``p == 0``) with the
-    cheaper :func:`dropout_keep_mask` and a one-byte mask kept for backward."""
-    if not training or p == 0.0:
-        return x
-    keep = dropout_keep_mask(x.shape, p, x.device).view(torch.uint8)
-    return _KeepAndScale.apply(x, keep, 1.0 / (1.0 - p))
-
-
-class Dropout(nn.Module):
-    """``nn.Dropout`` semantics (inverted dropout, identity in eval) with :func:`dropout_keep_mask`."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class _ReluDropout(torch.autograd.Function):
-    """``dropout(relu(x))`` that saves only its output for backward.
-
-    ``d out / d x = scale`` where the output is positive, else 0 (a dropped or negative entry has
-    output 0). The output is the next linear layer's input, saved there anyway, so the
-    feed-forward block keeps one ``[B, L, d_ff]`` tensor for backward instead of three (ReLU
-    output, dropout mask, dropout output).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        scale = 1.0 / (1.0 - p)
-        y = torch.relu(x).mul_(dropout_keep_mask(x.shape, p, x.device).view(torch.uint8)).mul_(scale)
-        ctx.save_for_backward(y)
-        ctx.scale = scale
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
-        return grad.mul(y > 0).mul_(ctx.scale), None
-
-
-def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``dropout(relu(x), p)`` in training (memory-lean, see :class:`_ReluDropout`); ``relu`` otherwise."""
-    if not training or p == 0.0:
-        return torch.relu(x)
-    return _ReluDropout.apply(x, p)
-
-
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds fixed sinusoidal positions to ``x [B, L, D]``, then dropout.
 
@@ -186,7 +43,7 @@ class SinusoidalPositionalEncoding(nn.Module):
     def __init__(self, d_model: int, max_len: int, dropout: float = 0.0):
         super().__init__()
         self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.table.shape[0]:
@@ -316,8 +173,8 @@ class DifferentialSelfAttention(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer (``nn.TransformerEncoderLayer`` semantics, batch first, ReLU).
 
-    ``x = norm1(x + dropout(attn(x))); x = norm2(x + dropout(W2 dropout(relu(W1 x))))``, with
-    :class:`Dropout` and the memory-lean :func:`relu_dropout`.
+    ``x = norm1(x + dropout1(attn(x))); x = norm2(x + dropout2(W2 dropout(relu(W1 x))))``, with
+    ``nn.Dropout`` under the same names as ``nn.TransformerEncoderLayer``.
     ``attention`` is ``"standard"`` (:class:`MultiHeadSelfAttention`) or ``"differential"``
     (:class:`DifferentialSelfAttention`, ``depth`` sets its lambda_init).
     """
@@ -343,11 +200,11 @@ class TransformerEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ff, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout_p = dropout  # between the FFN's ReLU and linear2 (fused: relu_dropout)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)  # between the FFN's ReLU and linear2
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm1(x + self.dropout1(self.self_attn(x)))
-        hidden = relu_dropout(self.linear1(x), self.dropout_p, self.training)
+        hidden = self.dropout(F.relu(self.linear1(x)))
         return self.norm2(x + self.dropout2(self.linear2(hidden)))

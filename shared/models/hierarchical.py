@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LearnedToken, SinusoidalPositionalEncoding, TransformerEncoderLayer
+from .common import LearnedToken, SinusoidalPositionalEncoding, TransformerEncoderLayer
 
 #: The paper's conv stack (Tang et al., arXiv 2411.00755): kernel, stride and padding of the six layers.
 CONV_KERNELS: tuple[int, ...] = (14, 14, 10, 10, 10, 10)
@@ -135,10 +135,10 @@ class GatedAttentionHead(nn.Module):
 
     def __init__(self, features: int, n_classes: int, dropout: float):
         super().__init__()
-        self.attention_a = nn.Sequential(nn.Linear(features, features), nn.Tanh(), Dropout(dropout))
-        self.attention_b = nn.Sequential(nn.Linear(features, features), nn.Sigmoid(), Dropout(dropout))
+        self.attention_a = nn.Sequential(nn.Linear(features, features), nn.Tanh(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(features, features), nn.Sigmoid(), nn.Dropout(dropout))
         self.attention_c = nn.Linear(features, n_classes)
-        self.rho = nn.Sequential(nn.Linear(features, features), nn.ReLU(), Dropout(dropout))
+        self.rho = nn.Sequential(nn.Linear(features, features), nn.ReLU(), nn.Dropout(dropout))
         self.classifiers = nn.ModuleList(nn.Linear(features, 1) for _ in range(n_classes))
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +155,7 @@ class ClsHead(nn.Module):
     def __init__(self, d_model: int, hidden: int, n_classes: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d_model, hidden)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, n_classes)
 
     def forward(self, cls: torch.Tensor) -> torch.Tensor:
@@ -255,25 +255,28 @@ class HierarchicalTransformer(nn.Module):
         b, k, rows = attention.shape
         return attention.view(b, k, self.n_leads, rows // self.n_leads).sum(-1)
 
-    @torch.no_grad()
-    def _eval_lead_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, attention = self.forward_with_attention(x)
-        b, k, rows = attention.shape
-        return logits, attention.view(b, k, self.n_leads, rows // self.n_leads).sum(-1)
-
     def explain(self, x: torch.Tensor) -> dict[str, Any]:
-        """``{'lead_importance': [B, K, n_leads], 'method': str, 'logits': [B, K]}``.
+        """``{'lead_importance': [B, K, n_leads], 'method': str, 'logits': [B, K]}``, computed in
+        eval mode (no dropout, BatchNorm statistics read, not updated); the mode is restored.
 
         Gated head: its per-class attention summed per lead (method ``gated_attention``).
         Without it: input-times-gradient of each class logit summed per lead
         (:func:`shared.models.interpret.input_x_gradient`).
         """
-        if self.gated:
-            logits, importance = self._eval_lead_attention(x)
-            return {"lead_importance": importance, "method": "gated_attention", "logits": logits}
-        from .interpret import input_x_gradient
+        if not self.gated:
+            from .interpret import input_x_gradient
 
-        return input_x_gradient(self, x)
+            return input_x_gradient(self, x)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                logits, attention = self.forward_with_attention(x)
+        finally:
+            self.train(was_training)
+        b, k, rows = attention.shape
+        importance = attention.view(b, k, self.n_leads, rows // self.n_leads).sum(-1)
+        return {"lead_importance": importance, "method": "gated_attention", "logits": logits}
 
     def site_local_parameter_names(self) -> list[str]:
         """State keys of the conv encoder's normalisation layers (FedBN keeps these per site)."""
