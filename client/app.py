@@ -9,7 +9,10 @@ server from what each node answered to its query:
   a ``partition-id`` may play any site of the run config's ``sites``, with the cache from the run
   config, ``cache-<site>``, '' = the embedded synthetic data generated on first use);
 * a message for a site this node may not play gets an error reply ``refused: ...`` that the
-  server records in ``failures.csv``; nothing is trained.
+  server records in ``failures.csv``; nothing is trained;
+* every message (query included) carries the coordinator's project version and model
+  fingerprint (``shared.federation.version``); a node running another version or model
+  definition refuses it, naming both versions.
 
 State kept between rounds in ``context.state``, per site (one simulated node may play several):
 ``dp-state/<site>`` (ConfigRecord: the Opacus accountant history, so epsilon is cumulative) and
@@ -36,6 +39,7 @@ from flwr.clientapp import ClientApp
 from shared.federation.quiet import quiet_third_party_warnings
 from shared.federation.run_config import load_run_config
 from shared.federation.site_data import SiteRefused, ensure_cache, is_synthetic_cache, playable_sites, resolve_site
+from shared.federation.version import VersionMismatch, check_handshake
 from shared.federation.site_training import evaluate_site, train_site
 
 # Error code of a refusal (Flower's "ClientApp raised an exception" code; the reason says why).
@@ -46,7 +50,12 @@ app = ClientApp()
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which site(s) this node may play: its bound site, or ``*`` (any site of the run)."""
+    """Which site(s) this node may play: its bound site, or ``*`` (any site of the run); refused
+    when the coordinator runs another project version or model definition."""
+    try:
+        check_handshake(msg.content["config"], load_run_config(context.run_config))
+    except VersionMismatch as exc:
+        return _refusal(msg, exc)
     return Message(content=RecordDict({"node": ConfigRecord({"sites": playable_sites(context.node_config)})}),
                    reply_to=msg)
 
@@ -57,8 +66,9 @@ def train(msg: Message, context: Context) -> Message:
     quiet_third_party_warnings(bool(cfg.verbose))
     config = msg.content["config"]
     try:
+        check_handshake(config, cfg)
         site, setting = resolve_site(context.node_config, cfg, str(config.get("site", "")))
-    except SiteRefused as exc:
+    except (SiteRefused, VersionMismatch) as exc:
         return _refusal(msg, exc)
     cache = ensure_cache(site, setting, cfg)
     server_round = int(config["server-round"])  # absolute, also after a resume
@@ -96,8 +106,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = load_run_config(context.run_config)
     quiet_third_party_warnings(bool(cfg.verbose))
     try:
+        check_handshake(msg.content["config"], cfg)
         site, setting = resolve_site(context.node_config, cfg, str(msg.content["config"].get("site", "")))
-    except SiteRefused as exc:
+    except (SiteRefused, VersionMismatch) as exc:
         return _refusal(msg, exc)
     cache = ensure_cache(site, setting, cfg)
     result = evaluate_site(cfg, cache, msg.content["arrays"].to_torch_state_dict(), _site_local(context, cfg, site))
@@ -112,7 +123,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _refusal(msg: Message, exc: SiteRefused) -> Message:
+def _refusal(msg: Message, exc: ValueError) -> Message:
     print(f"refused a {msg.metadata.message_type} message: {exc}", flush=True)
     return Message(Error(code=REFUSED_CODE, reason=f"refused: {exc}"), reply_to=msg)
 

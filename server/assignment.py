@@ -3,6 +3,13 @@ names the site in each train/evaluate message it sends.
 
 * A deployed node answers the site it is bound to (its node config); it plays only that site
   and refuses a message for another.
+* With SuperNode authentication, the binding comes from the credentials: the coordinator
+  registers each site's public key under the site's name (``flwr supernode register KEY.pub
+  <connection> --name SITE``), and Flower gives the ServerApp each node's registered ``name``
+  and ``public_key`` (``grid.get_nodes()``, ``NodeInfo``). A node with a registered name plays
+  that site only; if it answers another site it is left out. A node without a registered name
+  (a plain-text demo, or a key registered without ``--name``) is taken at its word, and the
+  server says once that its site is self-declared.
 * A simulated node answers ``*``: it may play any site of the run. The sites no bound node
   claims are dealt over these nodes (the fewest sites first; a site stays with the node that
   plays it), so Flower's default of two simulated nodes serves four sites and no Flower
@@ -33,9 +40,14 @@ QUERY_TIMEOUT = 60.0  # seconds for the nodes to answer which site they play
 ASK_AGAIN_AFTER = 300.0  # seconds before a node that did not answer is asked again
 
 
-def ask_nodes(grid, node_ids: Iterable[int], timeout: float = QUERY_TIMEOUT) -> tuple[dict[int, str], dict[int, str]]:
-    """``({node_id: site or '*'}, {node_id: error reason})`` for the nodes that answered in time."""
-    messages = [Message(RecordDict({"config": ConfigRecord({"question": "sites"})}), dst_node_id=int(node),
+def ask_nodes(grid, node_ids: Iterable[int], timeout: float = QUERY_TIMEOUT,
+              handshake: dict[str, str] | None = None) -> tuple[dict[int, str], dict[int, str]]:
+    """``({node_id: site or '*'}, {node_id: error reason})`` for the nodes that answered in time.
+
+    ``handshake`` (project version and model fingerprint, ``shared.federation.version``) goes
+    into the question: a node running another version refuses, and its reason names both."""
+    question = {"question": "sites", **(handshake or {})}
+    messages = [Message(RecordDict({"config": ConfigRecord(question)}), dst_node_id=int(node),
                         message_type=MessageType.QUERY) for node in node_ids]
     if not messages:
         return {}, {}
@@ -55,9 +67,12 @@ def ask_nodes(grid, node_ids: Iterable[int], timeout: float = QUERY_TIMEOUT) -> 
 class SiteAssignment:
     """The run's sites, what each known node answered, and the node now playing each site."""
 
-    def __init__(self, sites: Iterable[str], echo: Callable[[str], None] = print):
+    def __init__(self, sites: Iterable[str], echo: Callable[[str], None] = print,
+                 handshake: dict[str, str] | None = None):
         self.sites = list(sites)
+        self.handshake = handshake
         self.answers: dict[int, str] = {}
+        self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
         self.node_of_site: dict[str, int] = {}
         self.echo = echo
         self._reported: set[str] = set()
@@ -67,7 +82,7 @@ class SiteAssignment:
     def refresh(self, grid, timeout: float = QUERY_TIMEOUT, ask_again_after: float = ASK_AGAIN_AFTER) -> None:
         """Ask the nodes that connected since (a node that did not answer: again after
         ``ask_again_after`` seconds), forget the nodes that left, and re-deal the sites."""
-        connected = {int(n) for n in grid.get_node_ids()}
+        connected = self._connected(grid)
         gone = set(self.answers) - connected
         now = time.monotonic()
         new = sorted(n for n in connected - set(self.answers)
@@ -76,7 +91,7 @@ class SiteAssignment:
             return
         for node in gone:
             del self.answers[node]
-        answers, errors = ask_nodes(grid, new, timeout)
+        answers, errors = ask_nodes(grid, new, timeout, self.handshake)
         for node in new:
             self._asked_at[node] = now
         for node, reason in errors.items():
@@ -86,6 +101,20 @@ class SiteAssignment:
         self.answers.update(answers)
         self._deal()
 
+    def _connected(self, grid) -> set[int]:
+        """The connected node ids; remembers each node's registered name (Flower's ``NodeInfo``
+        from ``grid.get_nodes()``; a grid without names gives none)."""
+        get_nodes = getattr(grid, "get_nodes", None)
+        if get_nodes is None:
+            return {int(n) for n in grid.get_node_ids()}
+        connected = set()
+        for info in get_nodes():
+            node = int(info.node_id)
+            connected.add(node)
+            name = str(getattr(info, "name", "") or "")
+            if name:
+                self.registered[node] = name
+        return connected
     def _deal(self) -> None:
         """Bound nodes get their sites (the node already playing a site keeps it against a
         newcomer's claim); the other sites stay with the ``*`` node that plays them, and the
@@ -94,6 +123,13 @@ class SiteAssignment:
         bound: dict[str, int] = {}
         claims = sorted(self.answers.items(), key=lambda item: (previous.get(item[1]) != item[0], item[0]))
         for node, site in claims:
+            name = self.registered.get(node)
+            if name is not None and site != name:
+                self._report(f"node {node} is registered as site {name!r} but answers {site!r}: it is left out")
+                continue
+            if name is None and site != ANY_SITE:
+                self._report(f"node {node} has no registered name: its site {site!r} is its own claim "
+                             f"(bind it: flwr supernode register KEY.pub <connection> --name {site})")
             if site == ANY_SITE:
                 continue
             if site not in self.sites:
@@ -141,12 +177,13 @@ class SiteAssignment:
 
 
 def wait_for_sites(grid, sites: list[str], min_sites: int, timeout: float,
-                   echo: Callable[[str], None] = print, stop: threading.Event | None = None) -> SiteAssignment:
+                   echo: Callable[[str], None] = print, stop: threading.Event | None = None,
+                   handshake: dict[str, str] | None = None) -> SiteAssignment:
     """A node for every site, or for at least ``min_sites`` of them after ``timeout`` seconds.
 
     ``stop`` (set by the caller) ends the wait early with an error.
     """
-    assignment = SiteAssignment(sites, echo)
+    assignment = SiteAssignment(sites, echo, handshake)
     deadline = time.monotonic() + timeout
     while True:
         if stop is not None and stop.is_set():

@@ -11,8 +11,16 @@ A node that got the round's message but sent nothing back before the round ended
 too ("no reply"). A reply naming no site, or another site than the message it answers, is
 excluded too.
 Excluded replies never reach Flower's aggregation, so one broken site cannot
-poison the global model; if every reply of a round is excluded, Flower keeps the previous global
-model (nothing already aggregated is lost).
+poison the global model.
+
+The one policy for a short round (:meth:`ReplyGuard.require`, used by the strategy after
+screening and by the round's end in ``server.rounds``): a round aggregates when at least
+``min-replies`` valid training replies arrived (run config; default a majority of the sites).
+With fewer, the run ends with :class:`RoundFailed`, whose message names the round, the sites
+that replied and why each other site was left out; the last aggregated model stays in
+``checkpoint.pt`` (``resume = true`` continues from it once enough sites are back). The same
+error ends a round that cannot start because fewer than ``min-replies`` sites have a node after
+``node-wait-timeout`` seconds (``server.strategies``).
 
 The record is ``failures.csv`` in the run's output dir (rewritten atomically after each round):
 ``round, site, node_id, time_utc, reason``. ``site`` is the site the server's message was for
@@ -44,6 +52,10 @@ from flwr.app import ArrayRecord, Message
 
 FAILURES_CSV = "failures.csv"
 FAILURE_COLUMNS = ("round", "site", "node_id", "time_utc", "reason")
+
+
+class RoundFailed(RuntimeError):
+    """A round cannot aggregate (too few valid replies, or too few sites with a node): the run ends."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,22 @@ class ReplyGuard:
                                                      int(row["node_id"]), row["time_utc"], row["reason"]))
                     if row["site"] != "?":
                         self.site_of_node.setdefault(int(row["node_id"]), row["site"])
+
+    def require(self, server_round: int, replied: Iterable[str], min_replies: int) -> None:
+        """The short-round policy: raise :class:`RoundFailed` when fewer than ``min_replies``
+        sites sent a valid training reply in ``server_round``."""
+        replied = sorted(set(replied))
+        if len(replied) >= min_replies:
+            return
+        why = "; ".join(f"{e.site}: {e.reason} ({e.time_utc})" for e in self.exclusions
+                        if e.round == server_round and e.site not in replied)
+        raise RoundFailed(
+            f"round {server_round}: {len(replied)} valid training repl{'y' if len(replied) == 1 else 'ies'} "
+            f"(from {', '.join(replied) or 'no site'}), the round needs min-replies = {min_replies}"
+            + (f"; left out: {why}" if why else "")
+            + f". The run ends here; checkpoint.pt holds the model of round {server_round - 1} "
+            "(resume = true continues from it once enough sites are back)"
+        )
 
     def excluded_sites(self, server_round: int) -> list[str]:
         return [e.site for e in self.exclusions if e.round == server_round]

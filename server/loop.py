@@ -2,9 +2,9 @@
 ServerApp with Flower's ``Grid``; tests call it with a fake grid.
 
 Order: validate the config (done by the caller) -> output dir and, with ``resume``, the last
-checkpoint -> server-side copy of the test splits for the pooled-test AUROC (simulation;
-prepares the synthetic caches before round 1) -> round 0 (the initial model), while a node for
-every site is found (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
+checkpoint -> server-side copy of the test splits for the pooled-test AUROC (simulation, or a
+coordinator holding every site's cache; prepares the synthetic caches before round 1) -> round 0
+(the initial model), while a node for every site is found (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
 :class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
 """
 
@@ -51,16 +51,30 @@ def resolve_out_dir(cfg: DictConfig) -> Path:
     return cache_root() / "runs" / f"{cfg.model}-{cfg.strategy}{dp}-seed{cfg.seed}-{stamp}"
 
 
-def pooled_caches(cfg: DictConfig, echo=print) -> dict[str, Path] | None:
+def is_simulation(grid) -> bool:
+    """True for Flower's simulation grid (``flwr.simulation`` runs the ServerApp with an
+    ``InMemoryGrid``), where the simulated nodes read the same caches as the server."""
+    return type(grid).__name__ == "InMemoryGrid" and type(grid).__module__.startswith("flwr.")
+
+
+def pooled_caches(cfg: DictConfig, echo=print, *, simulation: bool = True) -> dict[str, Path] | None:
     """The server's copy of the sites' caches, or None when pooled evaluation is off.
 
-    ``server-eval = auto``: on when every site's data is the embedded synthetic data or a cache
-    path that exists on the server (simulation); off otherwise (deployment: the server holds no
-    data, and the sites' federated-evaluation AUROCs are the only ones reported).
+    ``server-eval = auto``: on when every site's cache is a path that exists on the server (the
+    coordinator explicitly holds the caches), or in a Flower simulation (the simulated nodes use
+    the same run-config caches, '' = the embedded synthetic data). Off otherwise: in a
+    deployment the server never builds synthetic caches under real site names, and the sites'
+    own evaluation AUROCs are the ones reported. ``on`` forces it (tests; a coordinator that
+    holds every site's test split); ``off`` turns it off.
     """
     if cfg.server_eval == "off":
         return None
     settings = {s: site_cache_setting(cfg, s) for s in cfg.site_list}
+    held = all(v and (Path(v).expanduser() / "manifest.json").is_file() for v in settings.values())
+    if cfg.server_eval == "auto" and not held and not simulation:
+        echo("pooled-test AUROC off: the coordinator does not hold every site's cache (server-eval = auto; "
+             "set cache-<site> to the server's copies, or server-eval = \"on\")")
+        return None
     if cfg.server_eval == "auto" and any(v and not (Path(v).expanduser() / "manifest.json").is_file()
                                          for v in settings.values()):
         echo("pooled-test AUROC off: some site caches are not on the server (server-eval = auto)")
@@ -89,7 +103,7 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     echo(f"fed-ecg federation: model {cfg.model}/{cfg.preset}, strategy {cfg.strategy}, "
          f"sites {','.join(cfg.site_list)}, {total} rounds, dp {'on' if cfg.dp else 'off'}; output {out_dir}")
 
-    caches = pooled_caches(cfg, echo)
+    caches = pooled_caches(cfg, echo, simulation=is_simulation(grid))
     strategy = build_strategy(cfg, round_offset=offset)
     strategy.load_optimizer_state(strategy_state)
     strategy.failures_path = out_dir / FAILURES_CSV
@@ -102,7 +116,7 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ask-nodes")
     try:
         asked = pool.submit(wait_for_sites, grid, list(cfg.site_list), int(cfg.min_nodes),
-                            float(cfg.node_wait_timeout), echo, stop)
+                            float(cfg.node_wait_timeout), echo, stop, strategy.handshake)
         round_end(0, ArrayRecord(state))
         strategy.assignment = asked.result()
     finally:
@@ -116,6 +130,8 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
             timeout=float(cfg.round_timeout), train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             evaluate_fn=round_end,
         )
+    for line in dropped_sites(strategy.guard, offset + 1):
+        echo(line)
     # one synthetic site is enough to make the result synthetic
     synthetic = any(round_end.site_synthetic.values()) if round_end.site_synthetic else any(
         not site_cache_setting(cfg, s) for s in cfg.site_list)
@@ -127,6 +143,16 @@ def run_server(grid, cfg: DictConfig, *, echo=print) -> ServerOutcome:
     echo(f"checkpoint: {out_dir / CHECKPOINT} (load: from shared.training import load_model; "
          f"model = load_model('{out_dir / CHECKPOINT}'))")
     return ServerOutcome(out_dir, total, round_end.log, round_end.final_arrays, text)
+
+
+def dropped_sites(guard, first_round: int = 1) -> list[str]:
+    """One line per site that missed rounds of this run: which rounds, since when, why first."""
+    missed: dict[str, list] = {}
+    for e in guard.exclusions:
+        if e.round >= first_round:
+            missed.setdefault(e.site, []).append(e)
+    return [f"site {site} missed round(s) {sorted({e.round for e in rows})} (first at {rows[0].time_utc}: "
+            f"{rows[0].reason}); failures.csv has every round" for site, rows in missed.items()]
 
 
 def _check_same_run(cfg: DictConfig, ckpt: dict, out_dir: Path) -> None:

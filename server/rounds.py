@@ -5,7 +5,9 @@
 ``site`` is a site name, ``pooled`` (AUROC of the concatenated test predictions of all sites,
 computed by the server from its own copy of the test splits: simulation only) or
 ``mean-of-sites`` (the mean of the sites' federated-evaluation AUROCs, labelled as such; never
-called pooled). Round 0 is the initial model. See docs/architecture.md ("Training").
+called pooled). Round 0 is the initial model. A site of the run without a valid training reply
+in a round gets a ``missed_round`` row (value 1); ``failures.csv`` says when and why.
+See docs/architecture.md ("Training").
 """
 
 from __future__ import annotations
@@ -122,9 +124,11 @@ class RoundEnd:
             return self.round0[0]  # evaluated before the strategy started
         state = arrays.to_torch_state_dict()
         if server_round > 0:
-            if not self.strategy.last_train:
-                raise RuntimeError(f"round {rnd}: no site returned a training reply (see the node errors above)")
+            # the one short-round policy (server.guard), also checked before aggregation
+            self.strategy.guard.require(rnd, self.strategy.last_train, self.strategy.min_replies)
             self._site_rows(rnd)
+            for site in sorted(set(self.cfg.site_list) - set(self.strategy.last_train)):
+                self.log.add(rnd, site, "missed_round", 1.0)  # why and when: failures.csv
             self._check_pooled_matches_sites()
         pooled = self._pooled(rnd, state) if self.pooled_caches else None
         self.log.write(self.out_dir / ROUNDS_CSV)

@@ -7,8 +7,15 @@ replies' ``num-examples``. :func:`build_strategy` subclasses the chosen one to
   per-round line, ``rounds.csv`` and the final table, instead of Flower's weighted mean of
   metrics (a weighted mean of AUROCs is not a pooled AUROC);
 * send each sampled site's message to the node that plays it (:mod:`server.assignment`), with
-  the site named in the message's config, and file every reply under the site its message was
-  for;
+  the site named in the message's config (and the project version and model fingerprint,
+  ``shared.federation.version``), and file every reply under the site its message was for;
+* sample with a floor and a deadline, never with Flower's ``sample_nodes`` on the real grid
+  (it waits forever for ``min_available_nodes``): Flower samples among pseudo-nodes, one per
+  site that has a node (``_SitesAsNodes``), and a round (training or evaluation) starts only
+  when at least ``min-replies`` sites have a node, waiting up to ``node-wait-timeout`` seconds
+  for nodes to (re)join, else the run ends with :class:`server.guard.RoundFailed`;
+* aggregate a round only with at least ``min-replies`` valid training replies, else end the run
+  (:meth:`server.guard.ReplyGuard.require`, the one short-round policy);
 * leave out of the aggregate a site that did not train (``num-examples`` 0: DP budget spent);
 * screen every training reply with :class:`server.guard.ReplyGuard` (errors, NaN/inf, wrong
   array names or shapes are left out and recorded in ``failures.csv``);
@@ -20,6 +27,7 @@ replies' ``num-examples``. :func:`build_strategy` subclasses the chosen one to
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,8 @@ from flwr.serverapp.strategy.fedopt import FedOpt
 from omegaconf import DictConfig
 
 from server.assignment import SiteAssignment
-from server.guard import ReplyGuard
+from server.guard import ReplyGuard, RoundFailed
+from shared.federation.version import handshake
 
 BASES = {
     "fedavg": FedAvg,
@@ -78,6 +87,9 @@ class SiteTracking:
 
     round_offset: int = 0
     assignment: SiteAssignment | None = None
+    min_replies: int = 1  # valid training replies a round needs; also the floor of sites with a node
+    node_wait_timeout: float = 120.0  # seconds a round waits for min_replies sites to have a node
+    handshake: dict[str, str] = {}  # project version and model fingerprint, in every message
 
     def _init_tracking(self) -> None:
         self.last_train: dict[str, dict[str, Any]] = {}
@@ -91,20 +103,40 @@ class SiteTracking:
                   configure) -> tuple[list[Message], list[str]]:
         """Flower's messages for the sampled sites, each sent to the node playing that site, with
         the site named in its config."""
-        self.assignment.refresh(grid)
-        sites = self.assignment.served
-        if not sites:
-            print(f"round {server_round}: no node plays any site of this run", flush=True)
-            return [], []
+        sites = self._await_floor(server_round, grid)
         messages, names = [], []
         for msg in configure(server_round, arrays, config, _SitesAsNodes(sites)):
             site = sites[msg.metadata.dst_node_id]
             content = RecordDict(dict(msg.content.items()))
-            content[self.configrecord_key] = ConfigRecord({**msg.content[self.configrecord_key], "site": site})
+            content[self.configrecord_key] = ConfigRecord({**msg.content[self.configrecord_key],
+                                                           **self.handshake, "site": site})
             messages.append(Message(content=content, dst_node_id=self.assignment.node_of_site[site],
                                     message_type=msg.metadata.message_type))
             names.append(site)
         return messages, names
+
+    def _await_floor(self, server_round: int, grid: Grid, poll: float = 1.0) -> list[str]:
+        """The sites that have a node, once there are at least ``min_replies`` of them; waits up
+        to ``node_wait_timeout`` seconds for nodes to (re)join, then ends the run."""
+        self.assignment.refresh(grid)
+        deadline = time.monotonic() + self.node_wait_timeout
+        announced = False
+        while len(self.assignment.served) < self.min_replies:
+            if time.monotonic() >= deadline:
+                raise RoundFailed(
+                    f"round {server_round}: after {self.node_wait_timeout:.0f} s (node-wait-timeout) only "
+                    f"{self.assignment.served or 'no site'} of {self.assignment.sites} have a node, the round "
+                    f"needs min-replies = {self.min_replies}; no node for {self.assignment.missing}. The run "
+                    f"ends here; checkpoint.pt holds the model of round {server_round - 1} (resume = true "
+                    "continues from it once enough sites are back)")
+            if not announced:
+                print(f"round {server_round}: waiting up to {self.node_wait_timeout:.0f} s for a node for "
+                      f"{self.assignment.missing} ({len(self.assignment.served)} site(s) have one, "
+                      f"min-replies = {self.min_replies})", flush=True)
+                announced = True
+            time.sleep(poll)
+            self.assignment.refresh(grid, ask_again_after=0.0)  # a node that just came back is asked now
+        return self.assignment.served
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -130,6 +162,7 @@ class SiteTracking:
                   f"aggregate at {excluded.time_utc}: {excluded.reason}", flush=True)
         if self.failures_path is not None:
             self.guard.write(self.failures_path)
+        self.guard.require(rnd, [str(m.content.config_records["site"]["site"]) for m in replies], self.min_replies)
         self.last_train = {}
         trained = []
         for msg in replies:
@@ -144,6 +177,11 @@ class SiteTracking:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         site_of_message = {m.metadata.message_id: site for m, site in self._eval_sent}
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for msg, site in self._eval_sent:
+            if msg.metadata.message_id and msg.metadata.message_id not in answered:
+                print(f"round {server_round + self.round_offset}: site {site} sent no evaluation reply "
+                      "before the round ended", flush=True)
         self.last_eval, kept = {}, []
         for msg in replies:
             site = site_of_message.get(msg.metadata.reply_to_message_id)
@@ -203,4 +241,7 @@ def build_strategy(cfg: DictConfig, *, round_offset: int = 0) -> FedAvg:
     strategy = cls(**common)
     strategy._init_tracking()
     strategy.round_offset = int(round_offset)
+    strategy.min_replies = int(cfg.min_replies)
+    strategy.node_wait_timeout = float(cfg.node_wait_timeout)
+    strategy.handshake = handshake(cfg)
     return strategy

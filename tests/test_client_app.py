@@ -17,6 +17,7 @@ from shared.federation.site_data import ANY_SITE, SiteRefused, playable_sites, r
 from shared.federation.site_training import new_model
 from flower_shim import InProcessGrid, make_context, make_message, server_task_identity
 from shared.federation.run_config import ConfigError, load_run_config
+from shared.federation.version import handshake
 from server.loop import run_server
 from server.strategies import build_strategy
 from shared.training import load_checkpoint, load_model, predict_record
@@ -39,7 +40,8 @@ def _train(run_config, *, site="cinc", context=None, config=None, arrays=None):
     context = context or make_context({"partition-id": 0, "num-partitions": 2}, run_config)
     content = RecordDict({
         "arrays": arrays or _global_arrays(run_config),
-        "config": ConfigRecord({"server-round": 1, "site": site, **(config or {})}),
+        "config": ConfigRecord({"server-round": 1, "site": site, **handshake(load_run_config(run_config)),
+                                **(config or {})}),
     })
     return client_app.train(make_message(content, "train"), context), context
 
@@ -168,7 +170,8 @@ def test_dp_epsilon_is_cumulative_across_rounds_and_budget_stops_the_site():
 
 def test_evaluate_reply_reports_site_auroc_and_synthetic_flag():
     context = make_context({"partition-id": 0, "num-partitions": 2}, BASE)
-    content = RecordDict({"arrays": _global_arrays(BASE), "config": ConfigRecord({"server-round": 1, "site": "mimic"})})
+    content = RecordDict({"arrays": _global_arrays(BASE), "config": ConfigRecord({"server-round": 1, "site": "mimic",
+                                                                               **handshake(load_run_config(BASE))})})
     reply = client_app.evaluate(make_message(content, "evaluate"), context)
     m = reply.content["metrics"]
     assert reply.content["site"]["site"] == "mimic"

@@ -9,6 +9,7 @@ import csv
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.proto.node_pb2 import NodeInfo  # what grid.get_nodes() returns in a deployment
 
 from flower_shim import InProcessGrid, deliver, server_task_identity
 from server.assignment import SiteAssignment
@@ -72,7 +73,7 @@ class FibbingGrid(InProcessGrid):
 
 
 def test_a_node_refusing_a_site_it_is_not_bound_to_is_reported_by_the_server(tmp_path):
-    run = {**BASE, "sites": "ptb,mimic", "out-dir": str(tmp_path / "run")}
+    run = {**BASE, "sites": "ptb,mimic", "min-replies": 1, "out-dir": str(tmp_path / "run")}
     grid = FibbingGrid(run, node_configs=[{"site": "mimic"}])
     outcome = _serve(run, grid, [])
     assert _trained_sites(outcome) == {"mimic"}
@@ -91,13 +92,19 @@ def test_a_site_without_a_node_fails_before_any_node_trains(tmp_path):
 
 
 class QueryGrid:
-    """Nodes that answer the server's query as ``answers`` says (a missing node never answers)."""
+    """Nodes that answer the server's query as ``answers`` says (a missing node never answers);
+    ``names``: the name each node's key was registered under (Flower's ``NodeInfo.name``)."""
 
-    def __init__(self, answers: dict[int, str], nodes: list[int] | None = None):
+    def __init__(self, answers: dict[int, str], nodes: list[int] | None = None,
+                 names: dict[int, str] | None = None):
         self.answers, self.nodes, self.asked = answers, nodes or list(answers), []
+        self.names = names or {}
 
     def get_node_ids(self):
         return list(self.nodes)
+
+    def get_nodes(self):
+        return [NodeInfo(node_id=n, name=self.names.get(n, "")) for n in self.nodes]
 
     def send_and_receive(self, messages, *, timeout=None):
         self.asked.append(sorted(m.metadata.dst_node_id for m in messages))
@@ -129,7 +136,28 @@ def test_the_node_playing_a_site_keeps_it_against_a_newcomer_claiming_it():
         grid.nodes = [900, 901, 5]
         assignment.refresh(grid)
     assert assignment.node_of_site == {"ptb": 900, "mimic": 901}
-    assert lines == ["node 5 also claims site 'ptb' (node 900 plays it): it is left out"]
+    assert [line for line in lines if "no registered name" not in line] == [
+        "node 5 also claims site 'ptb' (node 900 plays it): it is left out"]
+    # without registered names, each node's site is its own claim, and the server says so once
+    assert sum("node 900 has no registered name: its site 'ptb' is its own claim" in line for line in lines) == 1
+
+
+def test_with_node_authentication_the_registered_name_decides_the_site():
+    """Keys registered under site names (`flwr supernode register KEY.pub --name SITE`): a node
+    plays the site it is registered as; a second key for a site, a node answering another site
+    than its registration, and a site outside the run are refused and reported."""
+    lines = []
+    assignment = SiteAssignment(["ptb", "mimic"], echo=lines.append)
+    answers = {900: "ptb", 901: "mimic", 902: "ptb", 903: "ptb", 904: "cinc"}
+    names = {900: "ptb", 901: "mimic", 902: "ptb", 903: "mimic", 904: "cinc"}
+    with server_task_identity():
+        assignment.refresh(QueryGrid(answers, names=names))
+    assert assignment.node_of_site == {"ptb": 900, "mimic": 901}
+    assert sorted(lines) == sorted([
+        "node 902 also claims site 'ptb' (node 900 plays it): it is left out",
+        "node 903 is registered as site 'mimic' but answers 'ptb': it is left out",
+        "node 904 plays site 'cinc', which is not in this run's sites ['ptb', 'mimic']: it is left out",
+    ])
 
 
 def test_a_node_that_does_not_answer_is_not_asked_again_every_round():
@@ -193,7 +221,7 @@ def test_a_site_whose_node_left_is_recorded_per_round_and_rejoins_with_a_new_nod
     from shared.federation.site_data import ensure_cache
 
     run = {**BASE, "sites": "ptb,mimic", "num-server-rounds": 3, "fraction-evaluate": 0.0,
-           "out-dir": str(tmp_path / "run")}
+           "min-replies": 1, "out-dir": str(tmp_path / "run")}
     cfg = load_run_config(run)
     grid = LeavingGrid(run, {s: ensure_cache(s, "", cfg) for s in ("ptb", "mimic")})
     outcome = _serve(run, grid, [])

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "fraction-evaluate": 1.0,
     "min-nodes": 0,
+    "min-replies": 0,
     "node-wait-timeout": 120.0,
     "round-timeout": 3600.0,
     "model": "hierarchical",
@@ -91,6 +92,10 @@ def load_run_config(run_config: Mapping[str, Any]) -> DictConfig:
     _validate(cfg)
     cfg.site_list = [s.strip() for s in str(cfg.sites).split(",") if s.strip()]
     cfg.min_nodes = int(cfg.min_nodes) or len(cfg.site_list)
+    cfg.min_replies = int(cfg.min_replies) or len(cfg.site_list) // 2 + 1
+    if cfg.min_replies > len(cfg.site_list):
+        raise ConfigError(f"run config: min-replies = {cfg.min_replies} is invalid: the run has only "
+                          f"{len(cfg.site_list)} sites {cfg.site_list}")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -105,6 +110,8 @@ def _validate(cfg: DictConfig) -> None:
     need(_is_num(cfg.fraction_train) and 0 < cfg.fraction_train <= 1, "fraction-train", "must be in (0, 1]")
     need(_is_num(cfg.fraction_evaluate) and 0 <= cfg.fraction_evaluate <= 1, "fraction-evaluate", "must be in [0, 1]")
     need(_is_int(cfg.min_nodes) and cfg.min_nodes >= 0, "min-nodes", "must be an integer >= 0 (0 = every site)")
+    need(_is_int(cfg.min_replies) and cfg.min_replies >= 0, "min-replies",
+         "must be an integer >= 0 (0 = a majority of the sites)")
     need(_is_num(cfg.node_wait_timeout) and cfg.node_wait_timeout > 0, "node-wait-timeout", "must be > 0 seconds")
     need(_is_num(cfg.round_timeout) and cfg.round_timeout > 0, "round-timeout", "must be > 0 seconds")
     need(cfg.strategy in STRATEGIES, "strategy", f"choose one of {list(STRATEGIES)}")
