@@ -14,24 +14,28 @@ server from what each node answered to its query:
   fingerprint (``shared.federation.version``); a node running another version or model
   definition refuses it, naming both versions.
 
-State kept between rounds in ``context.state``, per site (one simulated node may play several):
-``dp-state/<site>`` (ConfigRecord: the Opacus accountant history, so epsilon is cumulative) and
-``site-local/<site>`` (ArrayRecord: the site's own values of the model's site-local parameters,
-e.g. BatchNorm statistics kept local as in FedBN; run config ``site-local = false`` turns this
-off). ``context.state`` lasts one run: after a ``resume`` they restart.
+Under DP the site's privacy ledger lives on the site's disk, not in Flower's state: a deployed
+node's ``state-dir`` (``python -m client --state-dir``), a simulated site's
+``<out-dir>/sites/<site>`` (see ``shared.privacy``, docs/privacy.md). The site's policy (node
+config; in simulation the run config's ``site-policy``) is checked first: a run that breaks it,
+a spent budget, an unusable ledger or state dir gets an error reply ``refused: ...``.
+``context.state`` holds ``site-local/<site>`` (ArrayRecord: the site's own values of the
+model's site-local parameters, e.g. BatchNorm statistics kept local as in FedBN; run config
+``site-local = false`` turns this off); it lasts one run.
 
 Train reply: ``arrays`` (the locally trained weights) and ``metrics`` with ``num-examples``,
-``train-loss``, ``steps``, ``epsilon``/``delta`` (cumulative; -1 when DP is off) and
-``dp-budget-exhausted`` (1 = the site did not train: its next round would exceed the epsilon
-budget; it then sends ``num-examples`` 0, which the server leaves out of the aggregate).
+``steps``, ``epsilon``/``delta`` (the dataset's lifetime epsilon from the site's ledger; -1 when
+DP is off), ``dp-budget-exhausted`` (1 = the site did not train: its next round would exceed
+the run's epsilon budget; it then sends ``num-examples`` 0, which the server leaves out of the
+aggregate); without DP ``train-loss``; under DP no loss (it is not noised) but
+``dp-sample-rate``, ``dp-noise-multiplier``, ``dp-max-grad-norm`` and ``dp-units-<unit>`` (the
+number of privacy units, treated as public like ``num-examples``).
 A ``site`` ConfigRecord names the site. Evaluate reply: ``num-examples``, ``loss``,
 ``auroc-macro`` (NaN when undefined), ``auroc-per-class`` and ``synthetic`` (1 = the site's
 cache is synthetic data).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -41,6 +45,9 @@ from shared.federation.run_config import load_run_config
 from shared.federation.site_data import SiteRefused, ensure_cache, is_synthetic_cache, playable_sites, resolve_site
 from shared.federation.version import VersionMismatch, check_handshake
 from shared.federation.site_training import evaluate_site, train_site
+from shared.federation.run_config import ConfigError
+from shared.federation.site_data import site_policy, site_state_dir
+from shared.privacy.policy import PrivacyRefused
 
 # Error code of a refusal (Flower's "ClientApp raised an exception" code; the reason says why).
 REFUSED_CODE = 2
@@ -72,27 +79,41 @@ def train(msg: Message, context: Context) -> Message:
         return _refusal(msg, exc)
     cache = ensure_cache(site, setting, cfg)
     server_round = int(config["server-round"])  # absolute, also after a resume
-    outcome = train_site(
-        cfg, cache, site, server_round, msg.content["arrays"].to_torch_state_dict(),
-        dp_state=_state_config(context, f"dp-state/{site}"), site_local=_site_local(context, cfg, site),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-    )
+    try:
+        policy = site_policy(context.node_config, cfg, site)
+        state_dir = site_state_dir(context.node_config, cfg, site)
+        if cfg.dp and state_dir is None:
+            raise PrivacyRefused("DP needs the site's state directory for its privacy ledger: start the node "
+                                 "with `python -m client --state-dir DIR` (node config state-dir)")
+        outcome = train_site(
+            cfg, cache, site, server_round, msg.content["arrays"].to_torch_state_dict(),
+            site_local=_site_local(context, cfg, site), proximal_mu=float(config.get("proximal-mu", 0.0)),
+            state_dir=state_dir, policy=policy,
+        )
+    except (PrivacyRefused, ConfigError) as exc:
+        return _refusal(msg, exc)
     result = outcome.result
-    if result.dp_state is not None:
-        context.state[f"dp-state/{site}"] = ConfigRecord(dict(result.dp_state))
     if outcome.site_local:
         context.state[f"site-local/{site}"] = ArrayRecord(outcome.site_local)
     exhausted = result.skipped_reason is not None
     if exhausted:
         print(f"site {site}: not training this round: {result.skipped_reason}", flush=True)
-    metrics = MetricRecord({
+    values = {
         "num-examples": 0 if exhausted else int(result.num_examples),
-        "train-loss": float(result.mean_loss) if result.steps else float("nan"),
         "steps": int(result.steps),
         "epsilon": float(result.epsilon) if result.epsilon is not None else -1.0,
         "delta": float(result.delta) if result.delta is not None else -1.0,
         "dp-budget-exhausted": int(exhausted),
-    })
+    }
+    if outcome.dp_report is None:  # without DP only: a loss on private data is not noised
+        values["train-loss"] = float(result.mean_loss) if result.steps else float("nan")
+    else:
+        report = outcome.dp_report
+        values.update({"dp-sample-rate": float(report["sample-rate"]),
+                       "dp-noise-multiplier": float(report["noise-multiplier"]),
+                       "dp-max-grad-norm": float(report["max-grad-norm"]),
+                       f"dp-units-{report['unit']}": int(report["units"])})
+    metrics = MetricRecord(values)
     content = RecordDict({
         "arrays": ArrayRecord(outcome.state),
         "metrics": metrics,
@@ -126,10 +147,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _refusal(msg: Message, exc: ValueError) -> Message:
     print(f"refused a {msg.metadata.message_type} message: {exc}", flush=True)
     return Message(Error(code=REFUSED_CODE, reason=f"refused: {exc}"), reply_to=msg)
-
-
-def _state_config(context: Context, key: str) -> dict[str, Any] | None:
-    return dict(context.state[key]) if key in context.state else None
 
 
 def _site_local(context: Context, cfg, site: str):

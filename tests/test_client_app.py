@@ -143,29 +143,74 @@ def test_proximal_mu_from_the_message_changes_the_update():
     assert any(not torch.allclose(a[k], b[k]) for k in floats)
 
 
-def test_dp_epsilon_is_cumulative_across_rounds_and_budget_stops_the_site():
+def _ledger(run_dir, site="cinc"):
+    import json
+
+    files = sorted((run_dir / "sites" / site).glob("privacy-ledger-*.json"))
+    assert len(files) == 1, files
+    return files[0], json.loads(files[0].read_text())
+
+
+def test_dp_epsilon_continues_from_the_site_ledger_and_no_train_loss_leaves(tmp_path):
     from opacus.accountants import RDPAccountant
 
-    run_config = {**BASE, "dp": True, "dp-noise-multiplier": 1.1}
-    first, context = _train(run_config)
-    eps1 = first.content["metrics"]["epsilon"]
-    assert eps1 > 0 and first.content["metrics"]["delta"] == pytest.approx(1e-5)
-    assert "dp-state/cinc" in context.state
-    second, context = _train(run_config, context=context, config={"server-round": 2})
+    run_config = {**BASE, "dp": True, "dp-noise-multiplier": 1.1, "dp-batch-size": 4,
+                  "out-dir": str(tmp_path / "run")}
+    first, _ = _train(run_config)
+    m1 = first.content["metrics"]
+    eps1 = m1["epsilon"]
+    assert eps1 > 0 and "train-loss" not in m1  # a loss on private data is not noised: it stays
+    units = m1["dp-units-record"]
+    assert m1["delta"] == pytest.approx(1 / (10 * units)) and m1["dp-sample-rate"] == pytest.approx(1 / math.ceil(units / 4))
+    assert m1["dp-noise-multiplier"] == 1.1 and m1["dp-max-grad-norm"] == 1.0
+    # a fresh context (a restarted node, a new run on the same out-dir): epsilon continues from disk
+    second, _ = _train(run_config, config={"server-round": 2})
     eps2 = second.content["metrics"]["epsilon"]
     assert eps2 > eps1
-    state = dict(context.state["dp-state/cinc"])
+    path, ledger = _ledger(tmp_path / "run")
     accountant = RDPAccountant()
-    accountant.history = list(zip(state["noise_multipliers"], state["sample_rates"], state["steps"]))
-    assert eps2 == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-6)
+    accountant.history = [tuple(h) for h in ledger["history"]]
+    assert eps2 == pytest.approx(accountant.get_epsilon(delta=m1["delta"]), rel=1e-6)
+    assert [r["round"] for r in ledger["rounds"]] == [1, 2] and ledger["unit"] == "record"
 
-    budget = {**run_config, "dp-epsilon-budget": eps2 * 1.01}
-    context = make_context({"partition-id": 0, "num-partitions": 2}, budget)
-    context.state["dp-state/cinc"] = ConfigRecord(state)
-    stopped, _ = _train(budget, context=context, config={"server-round": 3})
+    # the run's budget: the site skips the round; the site's own lifetime limit: it refuses
+    stopped, _ = _train({**run_config, "dp-epsilon-budget": eps2 * 1.01}, config={"server-round": 3})
     m = stopped.content["metrics"]
     assert m["dp-budget-exhausted"] == 1 and m["num-examples"] == 0 and m["steps"] == 0
     assert stopped.content["site"]["skipped-reason"]
+    refused, _ = _train({**run_config, "site-policy": f"cinc: dp-max-epsilon={eps2 * 1.01:.6f}"},
+                        config={"server-round": 3})
+    assert refused.has_error() and refused.error.reason.startswith("refused: ")
+    assert "dp-max-epsilon" in refused.error.reason and str(path) in refused.error.reason
+    assert _ledger(tmp_path / "run")[1] == ledger  # nothing was spent by either
+
+
+def test_site_policy_refusals_name_the_value(tmp_path):
+    run_dir = tmp_path / "run"
+    plain = {**BASE, "out-dir": str(run_dir), "site-policy": "cinc: dp-required=true"}
+    reply, _ = _train(plain)
+    assert reply.has_error() and "dp-required" in reply.error.reason and "dp = false" in reply.error.reason
+    dp = {**plain, "dp": True, "dp-noise-multiplier": 0.8, "site-policy": "cinc: dp-min-noise-multiplier=1.0"}
+    reply, _ = _train(dp)
+    assert reply.has_error() and "dp-min-noise-multiplier = 1" in reply.error.reason and "0.8" in reply.error.reason
+    reply, _ = _train({**dp, "dp-noise-multiplier": 1.0, "site-policy": "cinc: dp-max-delta=1e-6"})
+    assert reply.has_error() and "dp-max-delta = 1e-06" in reply.error.reason
+    reply, _ = _train({**dp, "dp-noise-multiplier": 1.0, "site-policy": "", "dp-delta": 0.5})
+    assert reply.has_error() and "delta = 0.5" in reply.error.reason and "1/N" in reply.error.reason
+    # another site's policy does not apply to cinc
+    ok, _ = _train({**dp, "dp-noise-multiplier": 1.0, "site-policy": "mimic: dp-min-noise-multiplier=5"})
+    assert not ok.has_error()
+    assert not (run_dir / "sites" / "cinc").exists() or list((run_dir / "sites" / "cinc").glob("privacy-ledger-*"))
+
+
+def test_two_dp_runs_with_the_same_public_config_train_different_models(tmp_path):
+    """Noise and sampling come from the site's secret, not the coordinator's seed."""
+    run = {**BASE, "dp": True, "dp-batch-size": 4, "seed": 3}
+    a, _ = _train({**run, "out-dir": str(tmp_path / "a")})
+    b, _ = _train({**run, "out-dir": str(tmp_path / "b")})
+    ta, tb = a.content["arrays"].to_torch_state_dict(), b.content["arrays"].to_torch_state_dict()
+    floats = [k for k in ta if ta[k].is_floating_point()]
+    assert any(not torch.allclose(ta[k], tb[k]) for k in floats)
 
 
 def test_evaluate_reply_reports_site_auroc_and_synthetic_flag():

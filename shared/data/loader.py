@@ -3,8 +3,12 @@
 ``WindowDataset(cache_dir, split, crop_samples=None, train=False, normalize="zscore")`` yields
 ``(x float32 [leads, L], y float32 [K], mask float32 [K])``:
 
-* train mode: one item per window; each access takes a random crop of ``crop_samples``
-  (the whole window when ``crop_samples`` is None or equals the window);
+* train mode: one item per privacy unit (``unit``): ``"window"`` (default) one item per window;
+  ``"record"`` one item per record, each access draws one random window of it; ``"patient"``
+  one item per patient (records with the same ``patient_id``; a record without one is its own
+  patient), each access draws one random window of all that patient's records. Each access
+  then takes a random crop of ``crop_samples`` (the whole window when ``crop_samples`` is None
+  or equals the window). Under DP the unit is what one Poisson-sampled item protects;
 * eval mode: every window is tiled into ``window // crop_samples`` non-overlapping crops (the
   tail is dropped); ``item_record`` maps every item to its record (row of ``records.csv``), so
   a record-level prediction is the mean of its items' probabilities
@@ -31,6 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from .cache import Cache, open_cache
 
 NORMALIZATIONS = ("zscore", "none")
+UNITS = ("window", "record", "patient")
 _EPS = 1e-6
 
 
@@ -59,6 +64,7 @@ class WindowDataset(Dataset):
         train: bool = False,
         normalize: str = "zscore",
         seed: int = 0,
+        unit: str = "window",
     ):
         self.cache = cache_dir if isinstance(cache_dir, Cache) else open_cache(cache_dir)
         if normalize not in NORMALIZATIONS:
@@ -67,9 +73,19 @@ class WindowDataset(Dataset):
         self.crop_samples = int(crop_samples or window)
         if not 0 < self.crop_samples <= window:
             raise ValueError(f"crop_samples must be in 1..{window} (the cache's window), got {crop_samples}")
+        if unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+        if unit != "window" and not train:
+            raise ValueError(f"unit {unit!r} is for training items; evaluation tiles every window")
         self.split, self.train, self.normalize, self.seed = split, bool(train), normalize, int(seed)
+        self.unit = unit
         self.windows = self.cache.split_windows(split)  # rows of signals.npy in this split
-        if self.train:
+        self.unit_windows = self.unit_start = self.unit_count = None
+        if self.train and unit != "window":
+            self._group_windows_by_unit()
+            self.item_window = self.unit_windows[self.unit_start]  # one (first) window per unit
+            self.item_offset = None
+        elif self.train:
             self.item_window = self.windows
             self.item_offset = None  # random per access
         else:
@@ -81,6 +97,19 @@ class WindowDataset(Dataset):
         self._mask = torch.from_numpy(np.asarray(self.cache.label_mask, dtype=np.float32))
         self._rng: np.random.Generator | None = None
         self._rng_owner: int | None = None
+
+    def _group_windows_by_unit(self) -> None:
+        """``unit_windows[unit_start[i] : unit_start[i] + unit_count[i]]`` are unit i's windows."""
+        win_record = self.cache.window_record[self.windows].astype(np.int64)
+        if self.unit == "record":
+            keys = win_record.astype(str)
+        else:
+            patient = np.array([r.get("patient_id") or f"record:{r['record_id']}" for r in self.cache.records])
+            keys = patient[win_record]
+        order = np.argsort(keys, kind="stable")
+        _, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
+        self.unit_windows = self.windows[order]
+        self.unit_start, self.unit_count = starts.astype(np.int64), counts.astype(np.int64)
 
     def __getstate__(self) -> dict:
         """Pickle the cache by path (a memmap would be pickled as a full in-memory copy)."""
@@ -130,7 +159,10 @@ class WindowDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"index out of range for {len(self)} items")
-        win = self.item_window[idx]
+        if self.unit_windows is not None:  # one random window of each drawn unit
+            win = self.unit_windows[self.unit_start[idx] + self._generator().integers(0, self.unit_count[idx])]
+        else:
+            win = self.item_window[idx]
         L, W = self.crop_samples, self.cache.window_samples
         # One sorted fancy read of the memmap (sequential on disk), then back to batch order.
         order = np.argsort(win, kind="stable")
@@ -143,17 +175,20 @@ class WindowDataset(Dataset):
             cols = offsets[:, None] + np.arange(L)[None, :]
             x = np.take_along_axis(raw, cols[:, None, :], axis=2).astype(np.float32)
         normalize_items(x, self.normalize)
-        rec = torch.from_numpy(self.item_record[idx])
+        rec = torch.from_numpy(self.cache.window_record[win].astype(np.int64))
         return torch.from_numpy(x), self._labels[rec], self._mask[rec]
 
     def _random_offsets(self, n: int, high: int) -> np.ndarray:
+        return self._generator().integers(0, high + 1, size=n)
+
+    def _generator(self) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()
         owner = -1 if info is None else info.id
         if self._rng is None or self._rng_owner != owner:
             base = self.seed if info is None else info.seed
             self._rng = np.random.default_rng([self.seed, base & 0xFFFFFFFF, owner + 1])
             self._rng_owner = owner
-        return self._rng.integers(0, high + 1, size=n)
+        return self._rng
 
 
 class ContiguousBatchSampler(Sampler[list[int]]):

@@ -23,6 +23,7 @@ from shared.data.record import SITES
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "krum")
 SERVER_EVAL = ("auto", "on", "off")
+DP_UNITS = ("record", "patient", "window")
 
 # Mirrors simulations/four_sites/pyproject.toml; every key a user may override.
 DEFAULTS: dict[str, Any] = {
@@ -48,8 +49,15 @@ DEFAULTS: dict[str, Any] = {
     "dp": False,
     "dp-noise-multiplier": 1.0,
     "dp-max-grad-norm": 1.0,
-    "dp-delta": 1e-5,
+    "dp-delta": 0.0,
     "dp-epsilon-budget": 0.0,
+    "dp-unit": "record",
+    "dp-batch-size": 256,
+    "dp-lr": 0.003,
+    "dp-local-epochs": 0,
+    "dp-max-physical-batch": 128,
+    "dp-secure-mode": False,
+    "site-policy": "",
     "site-local": False,
     "seed": 0,
     "device": "auto",
@@ -125,7 +133,14 @@ def _validate(cfg: DictConfig) -> None:
     need(isinstance(cfg.dp, bool), "dp", "must be true or false")
     need(_is_num(cfg.dp_noise_multiplier) and cfg.dp_noise_multiplier > 0, "dp-noise-multiplier", "must be > 0")
     need(_is_num(cfg.dp_max_grad_norm) and cfg.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
-    need(_is_num(cfg.dp_delta) and 0 < cfg.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+    need(_is_num(cfg.dp_delta) and 0 <= cfg.dp_delta < 1, "dp-delta", "must be in [0, 1) (0 = 1/(10 N) at each site)")
+    need(cfg.dp_unit in DP_UNITS, "dp-unit", f"choose one of {list(DP_UNITS)}")
+    need(_is_int(cfg.dp_batch_size) and cfg.dp_batch_size >= 1, "dp-batch-size", "must be an integer >= 1")
+    need(_is_num(cfg.dp_lr) and cfg.dp_lr > 0, "dp-lr", "must be > 0")
+    need(_is_int(cfg.dp_local_epochs) and cfg.dp_local_epochs >= 0, "dp-local-epochs", "must be an integer >= 0 (0 = local-epochs)")
+    need(_is_int(cfg.dp_max_physical_batch) and cfg.dp_max_physical_batch >= 1, "dp-max-physical-batch", "must be an integer >= 1")
+    need(isinstance(cfg.dp_secure_mode, bool), "dp-secure-mode", "must be true or false")
+    need(isinstance(cfg.site_policy, str), "site-policy", "must be a string like 'mimic: dp-required=true dp-max-epsilon=8; ptb: ...'")
     need(_is_num(cfg.dp_epsilon_budget) and cfg.dp_epsilon_budget >= 0, "dp-epsilon-budget", "must be >= 0 (0 = no budget)")
     need(_is_int(cfg.seed), "seed", "must be an integer")
     need(cfg.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
@@ -183,16 +198,29 @@ def input_samples(cfg: DictConfig) -> int:
     return int(round(float(preset["fs"]) * float(preset["seconds"])))
 
 
-def dp_config_dict(cfg: DictConfig) -> dict[str, Any] | None:
-    """The ``DPConfig`` fields for ``shared.training`` (None when DP is off)."""
+def dp_config_dict(cfg: DictConfig, n_units: int | None = None) -> dict[str, Any] | None:
+    """The ``DPConfig`` fields for ``shared.training`` (None when DP is off).
+
+    ``dp-delta = 0`` means ``1 / (10 N)`` for a site with ``n_units`` privacy units.
+    """
     if not cfg.dp:
         return None
     return {
         "noise_multiplier": float(cfg.dp_noise_multiplier),
         "max_grad_norm": float(cfg.dp_max_grad_norm),
-        "delta": float(cfg.dp_delta),
+        "delta": dp_delta(cfg, n_units),
         "epsilon_budget": float(cfg.dp_epsilon_budget) or None,
+        "secure_mode": bool(cfg.dp_secure_mode),
     }
+
+
+def dp_delta(cfg: DictConfig, n_units: int | None) -> float:
+    """The run's delta at a site with ``n_units`` units (``dp-delta = 0``: ``1 / (10 N)``)."""
+    if float(cfg.dp_delta) > 0:
+        return float(cfg.dp_delta)
+    if not n_units:
+        raise ConfigError("run config: dp-delta = 0 (automatic) needs the site's number of units")
+    return 1.0 / (10.0 * n_units)
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:

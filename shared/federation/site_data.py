@@ -69,6 +69,29 @@ def resolve_site(node_config: Mapping[str, Any], cfg: DictConfig, site: str) -> 
     return site, site_cache_setting(cfg, site)
 
 
+def site_policy(node_config: Mapping[str, Any], cfg: DictConfig, site: str):
+    """The site's privacy policy: a deployed node's own node config (the coordinator's run config
+    cannot set it); a simulated site's from the run config's ``site-policy``."""
+    from shared.privacy.policy import SitePolicy, parse_site_policies
+
+    if bound_site(node_config) is not None:
+        return SitePolicy.from_mapping(node_config, "node config")
+    policies = parse_site_policies(str(cfg.site_policy))
+    return SitePolicy.from_mapping(policies.get(site, {}), f"run config site-policy for {site!r}")
+
+
+def site_state_dir(node_config: Mapping[str, Any], cfg: DictConfig, site: str) -> Path | None:
+    """Where the site keeps its privacy ledger: a deployed node's ``state-dir`` node config (None
+    if unset); a simulated site's ``<out-dir>/sites/<site>`` (``$FED_ECG_CACHE/site-state/<site>``
+    when the run config leaves ``out-dir`` to the server)."""
+    if bound_site(node_config) is not None:
+        value = str(node_config.get("state-dir", "") or "")
+        return Path(value).expanduser() if value else None
+    if cfg.out_dir:
+        return Path(str(cfg.out_dir)).expanduser().resolve() / "sites" / site
+    return cache_root() / "site-state" / site
+
+
 def synthetic_cache_dir(site: str, records: int) -> Path:
     return cache_root() / "synthetic" / f"{site}-r{records}-s{SYNTHETIC_DATA_SEED}"
 

@@ -43,7 +43,9 @@ class DPConfig:
 class TrainConfig:
     """One local training call: ``epochs`` local epochs of AdamW on the site's train split.
 
-    ``grad_clip`` (global-norm clipping) applies without DP only; under DP the per-sample clipping
+    Under DP, ``batch_size`` is the logical batch (the Poisson sample's expected size, sample rate
+    ``1 / ceil(N / batch_size)``); ``max_physical_batch`` bounds what is in memory at once, and the
+    random draws come from the site's secret, not ``seed``. ``grad_clip`` (global-norm clipping) applies without DP only; under DP the per-sample clipping
     is ``dp.max_grad_norm``. ``bf16`` autocast is used on CUDA devices that support it, never on
     CPU and never under DP.
     """
@@ -59,6 +61,7 @@ class TrainConfig:
     bf16: bool = True
     dp: DPConfig | None = None
     num_workers: int = 0
+    max_physical_batch: int = 128  # DP only: the most items in memory at once (BatchMemoryManager)
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.max_physical_batch < 1:
+            raise ValueError(f"TrainConfig.max_physical_batch must be >= 1, got {self.max_physical_batch}")
         if self.device not in DEVICES:
             raise ValueError(f"TrainConfig.device must be one of {DEVICES}, got {self.device!r}")
 

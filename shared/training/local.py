@@ -7,6 +7,7 @@ the pooled baseline (called by ``simulations/compare.py``).
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ class TrainResult:
     dp_state: dict[str, Any] | None = None
     skipped_reason: str | None = None
 
+    def dp_state_history(self) -> list[tuple[float, float, int]]:
+        """The accountant history after this call (empty without DP)."""
+        return history_from_state(self.dp_state)
+
 
 def train_local(
     model: nn.Module,
@@ -53,12 +58,18 @@ def train_local(
     if n == 0:
         raise ValueError("train_local got an empty training dataset")
     device = select_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    if cfg.dp is not None:
+        check_delta(cfg.dp.delta, n)
+    # Under DP every random draw (Poisson sampling, noise, dropout) comes from the site's own
+    # secret, never from the public seed the coordinator chose: with that seed the coordinator
+    # could regenerate the noise. Without DP the public seed keeps runs reproducible.
+    seed = secrets.randbits(63) if cfg.dp is not None else cfg.seed
+    torch.manual_seed(seed)
     model.to(device)
     model.train()
 
     reference = _proximal_reference(model, global_arrays, device) if cfg.proximal_mu > 0 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(secrets.randbits(63) if cfg.dp is not None else cfg.seed)
     loader = DataLoader(
         train_dataset,
         batch_size=cfg.batch_size,
@@ -75,8 +86,16 @@ def train_local(
     return _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n)
 
 
+def check_delta(delta: float, n_units: int) -> None:
+    """Delta must be below 1/N (N privacy units): a larger delta allows releasing one unit outright."""
+    if not delta < 1.0 / n_units:
+        raise ValueError(f"DP delta = {delta:g} is not below 1/N = 1/{n_units} = {1.0 / n_units:.3g} "
+                         f"(N = {n_units} privacy units at this site); choose delta <= 1/(10 N)")
+
+
 def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n) -> TrainResult:
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
     from opacus.validators import ModuleValidator
 
     dp = cfg.dp
@@ -118,8 +137,14 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
                 ),
             )
 
-    engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+    with warnings.catch_warnings():
+        # Opacus warns when secure_mode is off; the generators below are seeded from the site's secret.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
     engine.accountant.history = list(history)
+    noise_generator = None
+    if not dp.secure_mode:  # secure_mode: Opacus's CSPRNG for both noise and sampling
+        noise_generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     private_model, private_optimizer, private_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -127,14 +152,19 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
         poisson_sampling=True,
+        noise_generator=noise_generator,
     )
     try:
         with warnings.catch_warnings():
             # Opacus's hooks on the first layer fire although the input needs no gradient: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            _, mean_loss = _run_epochs(
-                private_model, private_loader, private_optimizer, cfg, device, reference, dp=True
-            )
+            # The logical (Poisson) batch is cfg.batch_size in expectation; memory holds at most
+            # cfg.max_physical_batch items at a time (Opacus BatchMemoryManager).
+            with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=cfg.max_physical_batch,
+                                    optimizer=private_optimizer) as memory_loader:
+                _, mean_loss = _run_epochs(
+                    private_model, memory_loader, private_optimizer, cfg, device, reference, dp=True
+                )
     finally:
         private_model.to_standard_module()  # removes Opacus hooks; ``model`` keeps the weights
     history = [tuple(h) for h in engine.accountant.history]

@@ -8,6 +8,7 @@ per round (a fresh ``PrivacyEngine`` per round would under-report it).
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # opacus is imported where it is used: nodes that train without DP never load it
@@ -91,3 +92,9 @@ def check_state_matches(dp: DPConfig, dp_state: dict[str, Any] | None) -> None:
             f"dp_state was accounted with {dp_state['accountant']!r} but this round asks for "
             f"{dp.accountant!r}; keep one accountant for the whole run"
         )
+
+
+def sample_rate_and_steps(n_units: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Opacus's Poisson sample rate ``1 / ceil(N / batch_size)`` and the steps of ``epochs`` epochs."""
+    batches = math.ceil(n_units / batch_size)
+    return 1.0 / batches, epochs * batches
