@@ -1,9 +1,12 @@
-"""After every round: pooled evaluation (when the server has the test splits), the checkpoint,
+"""After every round: pooled evaluation (when the server has the sites' caches), the checkpoint,
 ``rounds.csv`` and the one-line progress report. This is the strategy's ``evaluate_fn``.
 
+Every per-round number is on the **validation** split (``evaluate_site``'s default): curves and
+any choice made from them never see the test split, which is scored once per final model.
+
 ``rounds.csv`` (long form, rewritten atomically each round): ``round, site, metric, value``;
-``site`` is a site name, ``pooled`` (AUROC of the concatenated test predictions of all sites,
-computed by the server from its own copy of the test splits: simulation only) or
+``site`` is a site name, ``pooled`` (AUROC of the concatenated validation predictions of all
+sites, computed by the server from its own copy of the caches: simulation only) or
 ``mean-of-sites`` (the mean of the sites' federated-evaluation AUROCs, labelled as such; never
 called pooled). Round 0 is the initial model. A site of the run without a valid training reply
 in a round gets a ``missed_round`` row (value 1); ``failures.csv`` says when and why.
@@ -156,7 +159,7 @@ class RoundEnd:
                   if s in self.server_synthetic and syn != self.server_synthetic[s]]
         if differ:
             self.echo(f"WARNING: sites {differ} evaluate on other data than the server's copy "
-                      "(synthetic vs real); pooled-test AUROC is switched off for this run")
+                      "(synthetic vs real); the pooled AUROC is switched off for this run")
             self.pooled_caches = None
 
     def _site_rows(self, rnd: int) -> None:
@@ -204,7 +207,7 @@ class RoundEnd:
             parts.append("AUROC " + " ".join(f"{s} {fmt(s, 'auroc_macro')}" for s in sites)
                          + f" mean-of-sites {fmt('mean-of-sites', 'auroc_macro')}")
         if self.pooled_caches:
-            parts.append(f"pooled-test {fmt('pooled', 'auroc_macro')}")
+            parts.append(f"pooled-val {fmt('pooled', 'auroc_macro')}")
         if self.cfg.dp and rnd > 0:
             parts.append("eps " + " ".join(f"{s} {fmt(s, 'epsilon')}" for s in sites))
             stopped = [s for s in sites if self.log.value(rnd, s, "dp_budget_exhausted") == 1.0]

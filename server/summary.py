@@ -1,4 +1,5 @@
-"""The final table of a run: per-site AUROC, their mean (labelled), pooled-test AUROC, epsilon.
+"""The final table of a run: per-site AUROC, their mean (labelled), pooled AUROC, epsilon; all on the
+validation splits (the test splits are scored once per final model, by ``simulations.compare``).
 
 Printed with rich at the end of the ServerApp and written as ``summary.md`` beside
 ``rounds.csv`` in the run's output dir.
@@ -28,7 +29,7 @@ def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: 
     dp = f", DP (noise {cfg.dp_noise_multiplier}, clip {cfg.dp_max_grad_norm})" if cfg.dp else ""
     table = Table(title=f"fed-ecg: {cfg.model}/{cfg.preset}, {cfg.strategy}{dp}, round {final_round}, "
                         f"seed {cfg.seed} [{tag}]")
-    table.add_column("test set")
+    table.add_column("validation set")
     table.add_column("macro AUROC", justify="right")
     table.add_column("how it is computed")
     if cfg.dp:
@@ -48,7 +49,7 @@ def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: 
            "unweighted mean of the site AUROCs (not a pooled AUROC)"]
     table.add_row(*(row + ([""] if cfg.dp else [])))
     if pooled_note is not None:
-        row = ["pooled test", _fmt(log.value(final_round, "pooled", "auroc_macro")), pooled_note]
+        row = ["pooled validation", _fmt(log.value(final_round, "pooled", "auroc_macro")), pooled_note]
         table.add_row(*(row + ([""] if cfg.dp else [])))
     return table
 

@@ -18,6 +18,10 @@ client gets every round); ``pooled`` does the same on the union of the training 
 makes as many optimiser steps as all sites together (same batch size, same passes over each
 record). All runs start from the same seed-determined initial weights.
 
+Validation before test: the per-round curves (the federation's ``rounds.csv``) are computed on
+the validation splits; each final model is scored once on the test splits, and its validation
+predictions are saved beside them for the report's F1 thresholds.
+
 Resumable: results go to ``<out_dir>/results.csv`` (long form, appended atomically once a run is
 complete); a run whose ``(method, seed, config_hash)`` is already there is skipped. The report
 (``<out_dir>/report/report.md``) is rebuilt at the end.
@@ -100,6 +104,11 @@ def check_config(cfg: DictConfig) -> None:
         raise CompareError("rounds and local_epochs must be >= 1")
     if not cfg.seeds:
         raise CompareError("seeds must list at least one seed")
+    if "accountant" in (cfg.get("dp") or {}):
+        raise CompareError("dp.accountant is not a compare setting: the sites' privacy accountant is fixed by "
+                           "the project (see docs/comparison.md); remove the key")
+    if int(cfg.bootstrap) < 1:
+        raise CompareError(f"bootstrap must be >= 1 replicate, got {cfg.bootstrap}")
 
 
 def input_samples(cfg: DictConfig) -> int:
@@ -163,15 +172,27 @@ def train_rounds(cfg: DictConfig, model, train_set, seed: int) -> None:
         train_local(model, train_set, tc)
 
 
-def score(cfg, model, test_sets, *, method, train_sites, seed, chash, synthetic, preds_dir) -> tuple[list, dict]:
-    """Evaluate ``model`` on every test split, save its predictions, return the rows and predictions."""
+def _patient_ids(ds: WindowDataset, record_ids) -> list[str]:
+    """Patient id of every record id (empty where the cache has none): the bootstrap's unit."""
+    by_record = {str(r["record_id"]): str(r.get("patient_id") or "") for r in ds.cache.records}
+    return [by_record.get(str(r), "") for r in record_ids]
+
+
+def score(cfg, model, test_sets, *, method, train_sites, seed, chash, synthetic, preds_dir,
+          val_sets=None) -> tuple[list, dict]:
+    """Score ``model`` once on every test split (and on ``val_sets``, the validation splits its
+    thresholds are chosen on), save the predictions with their config hash and patient ids, and
+    return the test rows and predictions."""
     device = select_device(str(cfg.device))
     preds = {}
-    for site, ds in test_sets.items():
-        result = evaluate_model(model, ds, device=device, batch_size=max(int(cfg.batch_size), 64))
-        path = predictions_path(preds_dir, method, seed, train_sites, site)
-        save_predictions(path, result, ds.classes)
-        preds[site] = {**result.to_arrays(), "classes": ds.classes}
+    for split, sets in (("test", test_sets), ("val", val_sets or {})):
+        for site, ds in sets.items():
+            result = evaluate_model(model, ds, device=device, batch_size=max(int(cfg.batch_size), 64))
+            path = predictions_path(preds_dir, method, seed, train_sites, site, chash, split)
+            save_predictions(path, result, ds.classes, patient_ids=_patient_ids(ds, result.record_ids),
+                             config_hash=chash, split=split)
+            if split == "test":
+                preds[site] = {**result.to_arrays(), "classes": ds.classes}
     rows = score_rows(preds, method=method, train_sites=train_sites, seed=seed, config_hash=chash,
                       round=int(cfg.rounds), synthetic=synthetic)
     return rows, preds
@@ -179,13 +200,14 @@ def score(cfg, model, test_sets, *, method, train_sites, seed, chash, synthetic,
 
 def run_local(cfg, caches, seed, chash, synthetic, preds_dir) -> list[dict]:
     crop = input_samples(cfg)
-    tests = datasets(caches, "test", crop)
+    tests, vals = datasets(caches, "test", crop), datasets(caches, "val", crop)
     rows, own = [], {}
     for site, train_set in datasets(caches, "train", crop, seed).items():
         model = new_model(cfg, seed, train_set.n_classes)
         train_rounds(cfg, model, train_set, seed)
         site_rows, preds = score(cfg, model, tests, method="local", train_sites=site, seed=seed,
-                                 chash=chash, synthetic=synthetic, preds_dir=preds_dir)
+                                 chash=chash, synthetic=synthetic, preds_dir=preds_dir,
+                                 val_sets={site: vals[site]})
         rows += site_rows
         own[site] = preds[site]
     rows += score_rows(own, method="local", train_sites=OWN_SITE, seed=seed, config_hash=chash,
@@ -201,7 +223,7 @@ def run_pooled(cfg, caches, seed, chash, synthetic, preds_dir) -> list[dict]:
     train_rounds(cfg, model, union, seed)
     rows, _ = score(cfg, model, datasets(caches, "test", crop), method="pooled",
                     train_sites="+".join(caches), seed=seed, chash=chash, synthetic=synthetic,
-                    preds_dir=preds_dir)
+                    preds_dir=preds_dir, val_sets=datasets(caches, "val", crop))
     return rows
 
 
@@ -236,9 +258,10 @@ def run_federated(cfg, caches, seed, chash, synthetic, preds_dir, *, method, str
         tail = "\n".join(result.log.strip().splitlines()[-15:])
         raise CompareError(f"{method} seed {seed}: the Flower run ended with status {result.status!r}\n{tail}")
     model = load_model(run_dir / "checkpoint.pt")
-    rows, _ = score(cfg, model, datasets(caches, "test", input_samples(cfg)), method=method,
+    crop = input_samples(cfg)
+    rows, _ = score(cfg, model, datasets(caches, "test", crop), method=method,
                     train_sites="+".join(caches), seed=seed, chash=chash, synthetic=synthetic,
-                    preds_dir=preds_dir)
+                    preds_dir=preds_dir, val_sets=datasets(caches, "val", crop))
     return rows + rounds_rows(run_dir / "rounds.csv", method=method, train_sites="+".join(caches), seed=seed,
                               chash=chash, synthetic=synthetic, sites=list(caches))
 
@@ -305,7 +328,7 @@ def run_compare(cfg: DictConfig) -> Path:
                            and r["test_site"] == "pooled" and r["metric"] == "auroc_macro"), float("nan"))
             print(f"done {method} seed {seed}: pooled-test macro AUROC {pooled:.3f}"
                   f"{' (synthetic data)' if synthetic else ''} in {time.monotonic() - t0:.1f} s", flush=True)
-    report = build_report(results, preds_dir, out_dir / "report", n_boot=int(cfg.bootstrap))
+    report = build_report(results, preds_dir, out_dir / "report", n_boot=int(cfg.bootstrap), config_hash=chash)
     print(f"report: {report}", flush=True)
     return report
 

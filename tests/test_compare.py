@@ -37,12 +37,16 @@ def compared(tmp_path_factory):
     return cfg, out, report
 
 
+def _chash(cfg, out):
+    return compare.run_hash(cfg, compare.prepare_caches(cfg, out))
+
+
 def _plain(rows):
     return [{**r, "value": repr(r["value"])} for r in rows]  # NaN-safe comparison
 
 
 def test_local_and_pooled_rows_cover_every_site(compared):
-    _, out, report = compared
+    cfg, out, report = compared
     rows = read_results(out / "results.csv")
     assert {r["method"] for r in rows} == {"local", "pooled"}
     assert all(r["synthetic"] for r in rows)
@@ -51,7 +55,11 @@ def test_local_and_pooled_rows_cover_every_site(compared):
     for train in SITES:  # the cross-site matrix: every site's model on every site's test split
         for test in SITES:
             assert (train, test) in local_pairs
-            assert predictions_path(out / "predictions", "local", 0, train, test).is_file()
+            path = predictions_path(out / "predictions", "local", 0, train, test, _chash(cfg, out))
+            assert path.is_file()
+            saved = load_predictions(path)  # the config hash and the bootstrap's unit travel with them
+            assert str(saved["config_hash"]) == _chash(cfg, out)
+            assert len(saved["patient_ids"]) == len(saved["record_ids"])
     assert {(OWN_SITE, c) for c in [*SITES, "pooled", "mean-of-sites"]} <= local_pairs
     pooled_cols = {r["test_site"] for r in macro if r["method"] == "pooled"}
     assert pooled_cols == {*SITES, "pooled", "mean-of-sites"}
@@ -60,15 +68,16 @@ def test_local_and_pooled_rows_cover_every_site(compared):
 
 
 def test_pooled_column_is_the_concatenation_of_saved_predictions(compared):
-    _, out, _ = compared
+    cfg, out, _ = compared
+    chash = _chash(cfg, out)
     rows = read_results(out / "results.csv")
-    preds = [load_predictions(predictions_path(out / "predictions", "pooled", 0, "ptb+cinc", s)) for s in SITES]
+    preds = [load_predictions(predictions_path(out / "predictions", "pooled", 0, "ptb+cinc", s, chash)) for s in SITES]
     expected = macro_auroc(concat_predictions(preds))
     got = next(r["value"] for r in rows if r["method"] == "pooled" and r["test_site"] == "pooled"
                and r["metric"] == "auroc_macro")
     assert not np.isnan(expected)
     assert got == pytest.approx(expected)
-    own = [load_predictions(predictions_path(out / "predictions", "local", 0, s, s)) for s in SITES]
+    own = [load_predictions(predictions_path(out / "predictions", "local", 0, s, s, chash)) for s in SITES]
     got_own = next(r["value"] for r in rows if r["method"] == "local" and r["train_sites"] == OWN_SITE
                    and r["test_site"] == "pooled" and r["metric"] == "auroc_macro")
     assert got_own == pytest.approx(macro_auroc(concat_predictions(own)), nan_ok=True)
@@ -105,6 +114,32 @@ def test_federated_run_config_uses_only_keys_the_app_declares(compared, tmp_path
                                                           "strategies=[fedavg,krum]"])) == [
         ("federated-fedavg", "fedavg", False), ("federated-krum", "krum", False),
         ("federated-fedavg+dp", "fedavg", True), ("federated-krum+dp", "krum", True)]
+
+
+def test_thresholds_and_per_round_numbers_come_from_the_validation_split(compared, tmp_path):
+    from shared.data.cache import open_cache
+    from shared.federation.run_config import load_run_config
+    from shared.federation.site_training import evaluate_site, new_model
+
+    cfg, out, _ = compared
+    caches = compare.prepare_caches(cfg, out)
+    chash = compare.run_hash(cfg, caches)
+    cache = open_cache(caches["ptb"])
+    ids = {split: {cache.records[i]["record_id"] for i in cache.split_records(split)} for split in ("val", "test")}
+    # the final model's validation predictions (for F1 thresholds) are saved beside its test ones
+    val = load_predictions(predictions_path(out / "predictions", "pooled", 0, "ptb+cinc", "ptb", chash, "val"))
+    test = load_predictions(predictions_path(out / "predictions", "pooled", 0, "ptb+cinc", "ptb", chash))
+    assert set(val["record_ids"]) == ids["val"] and set(test["record_ids"]) == ids["test"]
+    # per-round evaluation (client evaluate and the server's pooled curve call evaluate_site): validation
+    fcfg = load_run_config(compare.federation_run_config(cfg, caches, "fedavg", 0, False, tmp_path))
+    result = evaluate_site(fcfg, caches["ptb"], new_model(fcfg).state_dict())
+    assert set(result.record_ids) == ids["val"]
+    assert "F1 at thresholds chosen on the validation split" in (out / "report" / "report.md").read_text()
+
+
+def test_dp_accountant_is_refused_not_ignored(tmp_path, capsys):
+    assert compare.main(["--set", "dp.accountant=prv", f"out_dir={tmp_path}"]) == 2
+    assert "dp.accountant" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -156,8 +156,12 @@ def _train(cfg, cache, seed, global_state, site_local, proximal_mu, *, unit, dp,
 
 
 def evaluate_site(cfg: DictConfig, cache: Path, global_state: Mapping[str, torch.Tensor],
-                  site_local: Mapping[str, torch.Tensor] | None = None, *, split: str = "test") -> EvalResult:
-    """The global model (with the site's local parameters, if any) on the site's test split."""
+                  site_local: Mapping[str, torch.Tensor] | None = None, *, split: str = "val") -> EvalResult:
+    """The global model (with the site's local parameters, if any) on the site's ``split``.
+
+    ``val`` by default: the per-round numbers (federated evaluation at the sites, the server's
+    pooled curve) and any choice made from them use the validation split; the test split is
+    scored once per final model (``simulations.compare``)."""
     from shared.training import select_device
 
     model = new_model(cfg)

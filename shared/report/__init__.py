@@ -6,6 +6,7 @@ from .results import (
     MEAN_OF_SITES,
     OWN_SITE,
     POOLED,
+    RESULTS_VERSION,
     append_results,
     config_hash,
     finished_runs,
@@ -13,10 +14,10 @@ from .results import (
     predictions_path,
     read_results,
 )
-from .scores import bootstrap_interval, concat_predictions, macro_auroc, score_rows, site_scores
+from .scores import Bootstrap, concat_predictions, macro_auroc, score_rows, site_scores
 
 __all__ = [
-    "COLUMNS", "MEAN_OF_SITES", "OWN_SITE", "POOLED", "append_results", "bootstrap_interval",
+    "COLUMNS", "MEAN_OF_SITES", "OWN_SITE", "POOLED", "RESULTS_VERSION", "Bootstrap", "append_results",
     "build_report", "concat_predictions", "config_hash", "finished_runs", "macro_auroc", "make_row",
     "predictions_path", "read_results", "score_rows", "site_scores",
 ]

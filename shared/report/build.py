@@ -1,15 +1,24 @@
-"""Long-form results CSV (+ saved predictions) -> ``report.md`` and PNG plots.
+"""Long-form results CSV (+ saved predictions) -> ``report.md``, per-class cross-site CSVs and PNG plots.
 
-Tables: macro AUROC per test site and method (spread over seeds, or a bootstrap interval when
-there is one seed), the cross-site matrix of the local baselines, federated minus pooled, and
-epsilon per site for the DP rows. The numbers come from the CSV; bootstrap intervals and ROC curves
-from the saved record-level predictions.
+One report covers one config (one ``config_hash``): a CSV holding several is refused unless the
+hash to report is named (compare.py names its own). Every number of the tables is recomputed from
+the saved record-level predictions of that config (and checked against the CSV's macro AUROC);
+every interval, and every difference the report states, comes from one paired, patient-level
+bootstrap (:class:`shared.report.scores.Bootstrap`) with the seeds combined.
+
+Tables: macro AUROC and macro AUPRC per test site; per-class AUROC and AUPRC; F1 at thresholds
+chosen on the validation split; differences (federated - pooled, federated - local, DP - non-DP)
+with intervals; the cross-site matrix of the local models on the classes known at both sites,
+with the in-site minus cross-site gap and its interval; per-class cross-site matrices (CSV and
+heatmap); epsilon per site. The per-round curves are the server's validation-split numbers.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +28,20 @@ from shared.training.evaluate import load_predictions
 
 from . import plots
 from .results import MEAN_OF_SITES, OWN_SITE, POOLED, predictions_path, read_results
-from .scores import bootstrap_interval, concat_predictions
+from .scores import (
+    Bootstrap,
+    best_f1_thresholds,
+    concat_predictions,
+    f1_scores,
+    interval,
+    nanmean_rows,
+    patient_groups,
+    per_class,
+    undefined_reason,
+)
 
 SYNTHETIC_TAG = " (synthetic data)"
+DEFAULT_BOOT = 1000
 
 
 def method_order(methods) -> list[str]:
@@ -39,13 +59,42 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or np.isnan(v) else f"{v:.3f}"
 
 
-class Report:
-    """The results of one CSV, grouped for the tables (final rows only)."""
+def _cell(reps: np.ndarray, signed: bool = False) -> str:
+    """``point [lo, hi]`` from ``[1 + B]`` values (index 0: the point estimate)."""
+    point = float(reps[0])
+    if np.isnan(point):
+        return "n/a"
+    lo, hi = interval(reps[1:])
+    f = (lambda v: f"{v:+.3f}") if signed else _fmt
+    if np.isnan(lo):
+        return f"{f(point)} [no interval: undefined in most replicates]"
+    text = f"{f(point)} [{f(lo)}, {f(hi)}]"
+    if signed and lo <= 0 <= hi:
+        text += " (crosses 0)"
+    return text
 
-    def __init__(self, results_csv, predictions_dirs: Sequence[Path]):
-        self.rows = read_results(results_csv)
-        if not self.rows:
+
+class Report:
+    """The rows of one config of a results CSV and the predictions behind them."""
+
+    def __init__(self, results_csv, predictions_dirs: Sequence[Path], *, config_hash: str | None = None,
+                 n_boot: int = DEFAULT_BOOT, boot_seed: int = 0):
+        rows = read_results(results_csv)
+        if not rows:
             raise ValueError(f"{results_csv}: no results to report")
+        hashes = Counter(r["config_hash"] for r in rows)
+        listing = ", ".join(f"{h} ({n} rows)" for h, n in sorted(hashes.items()))
+        if config_hash is None:
+            if len(hashes) > 1:
+                raise ValueError(f"{results_csv}: rows of {len(hashes)} configs ({listing}); a report covers one "
+                                 f"config: name it with --config-hash HASH")
+            config_hash = next(iter(hashes))
+        elif config_hash not in hashes:
+            raise ValueError(f"{results_csv}: no rows with config hash {config_hash!r}; it holds {listing}")
+        self.config_hash = config_hash
+        self.other_hashes = sorted(h for h in hashes if h != config_hash)
+        self.results_csv = Path(results_csv)
+        self.rows = [r for r in rows if r["config_hash"] == config_hash]
         self.predictions_dirs = [Path(p) for p in predictions_dirs]
         self.synthetic = any(r["synthetic"] for r in self.rows)
         self.tag = SYNTHETIC_TAG if self.synthetic else ""
@@ -53,6 +102,17 @@ class Report:
         self.methods = method_order(r["method"] for r in self.final)
         self.sites = self._sites()
         self.columns = [*self.sites, MEAN_OF_SITES, POOLED]
+        self._cache: dict[Path, dict] = {}
+        self.n_boot = int(n_boot)
+        ref = {s: self._reference(s) for s in self.sites}
+        self.ref_ids = {s: np.asarray(p["record_ids"]).astype(str) for s, p in ref.items()}
+        self.patient_level = all("patient_ids" in p for p in ref.values())
+        self.boot = Bootstrap({s: np.char.add(f"{s}\x1f", patient_groups(p)) for s, p in ref.items()},
+                              n_boot=self.n_boot, seed=boot_seed)
+        self.n_patients = {s: len(np.unique(patient_groups(p))) for s, p in ref.items()}
+        self.n_records = {s: len(p["probs"]) for s, p in ref.items()}
+        self.classes = [str(c) for c in ref[self.sites[0]]["classes"]]
+        self.known = {s: (np.asarray(p["mask"]) > 0).any(axis=0) for s, p in ref.items()}
 
     def _sites(self) -> list[str]:
         seen: list[str] = []
@@ -62,144 +122,298 @@ class Report:
                 seen.append(t)
         return seen
 
-    def headline_rows(self, method: str) -> list[dict]:
-        """The rows of ``method`` that answer "how good on each test site": local -> own-site."""
+    # ------------------------------------------------------------------ predictions
+    def train_sites(self, method: str, site: str) -> str:
         if method == "local":
-            return [r for r in self.final if r["method"] == "local" and r["train_sites"] == OWN_SITE]
-        return [r for r in self.final if r["method"] == method]
-
-    def values(self, rows, test_site: str, metric: str = "auroc_macro") -> dict[int, float]:
-        return {r["seed"]: r["value"] for r in rows if r["test_site"] == test_site and r["metric"] == metric}
+            return site
+        found = {r["train_sites"] for r in self.final if r["method"] == method and r["test_site"] == site}
+        if len(found) != 1:
+            raise ValueError(f"{self.results_csv}: method {method!r} has rows trained on {sorted(found)} for "
+                             f"test site {site!r} under config {self.config_hash}; expected exactly one")
+        return found.pop()
 
     def seeds(self, method: str) -> list[int]:
-        return sorted({r["seed"] for r in self.headline_rows(method)})
+        return sorted({r["seed"] for r in self.final if r["method"] == method and r["metric"] == "auroc_macro"})
 
-    def load_method_predictions(self, method: str, seed: int) -> dict[str, dict] | None:
-        """``{site: predictions}`` behind the headline row of ``method`` (None if any is missing)."""
-        rows = self.headline_rows(method)
-        out = {}
-        for site in self.sites:
-            train = site if method == "local" else next(
-                (r["train_sites"] for r in rows if r["test_site"] == site and r["seed"] == seed), None)
-            if train is None:
-                return None
-            path = self._find(method, seed, train, site)
-            if path is None:
-                return None
-            out[site] = load_predictions(path)
-        return out
-
-    def _find(self, method, seed, train, test) -> Path | None:
+    def pred(self, method: str, seed: int, train: str, test: str, split: str = "test") -> dict:
+        """One saved prediction set, checked to carry this report's config hash."""
+        tried = []
         for d in self.predictions_dirs:
-            p = predictions_path(d, method, seed, train, test)
-            if p.is_file():
-                return p
-        return None
+            path = predictions_path(d, method, seed, train, test, self.config_hash, split)
+            tried.append(str(path))
+            if path.is_file():
+                break
+        else:
+            raise ValueError(f"predictions of {method} seed {seed} ({train} -> {test}, {split}) are missing: "
+                             f"looked for {', '.join(tried)}")
+        if path in self._cache:
+            return self._cache[path]
+        p = load_predictions(path)
+        if "config_hash" not in p:
+            raise ValueError(f"{path}: carries no config hash (written by an earlier version of the project)")
+        if str(p["config_hash"]) != self.config_hash:
+            raise ValueError(f"{path}: predictions of config {p['config_hash']}, the report is for {self.config_hash}")
+        if split == "test" and test in getattr(self, "ref_ids", {}):
+            ids = np.asarray(p["record_ids"]).astype(str)
+            if not np.array_equal(ids, self.ref_ids[test]):
+                raise ValueError(f"{path}: its test records differ from the other predictions for {test} "
+                                 f"(not the same cache/splits)")
+        self._cache[path] = p
+        return p
+
+    def _reference(self, site: str) -> dict:
+        for method in self.methods:
+            for seed in self.seeds(method):
+                return self.pred(method, seed, self.train_sites(method, site), site)
+        raise ValueError(f"{self.results_csv}: no predictions for test site {site}")
+
+    def method_sets(self, method: str, seed: int) -> dict[str, dict]:
+        return {s: self.pred(method, seed, self.train_sites(method, s), s) for s in self.sites}
+
+    # ------------------------------------------------------------------ replicates
+    def replicates(self, method: str, metric: str = "auroc") -> dict[int, dict[str, np.ndarray]]:
+        """``{seed: {column: [1 + B]}}`` of one method (cached)."""
+        key = ("reps", method, metric)
+        if key not in self._cache:
+            out = {}
+            for seed in self.seeds(method):
+                sets = self.method_sets(method, seed)
+                out[seed] = self.boot.columns(sets, metric)
+                if metric == "auroc":
+                    self._check_csv(method, seed, out[seed])
+            self._cache[key] = out
+        return self._cache[key]
+
+    def _check_csv(self, method: str, seed: int, cols: dict[str, np.ndarray]) -> None:
+        for col, reps in cols.items():
+            csv_rows = [r["value"] for r in self.final if r["method"] == method and r["seed"] == seed
+                        and r["test_site"] == col and r["metric"] == "auroc_macro"
+                        and (method != "local" or r["train_sites"] == OWN_SITE)]
+            if csv_rows and not (np.isnan(csv_rows[0]) and np.isnan(reps[0])) and abs(csv_rows[0] - reps[0]) > 1e-6:
+                raise ValueError(f"{self.results_csv}: {method} seed {seed} {col} macro AUROC {csv_rows[0]:.6f} "
+                                 f"differs from its saved predictions ({reps[0]:.6f})")
+
+    def combined(self, method: str, metric: str = "auroc") -> dict[str, np.ndarray]:
+        """``{column: [1 + B]}``: the mean over seeds."""
+        reps = self.replicates(method, metric)
+        return {c: nanmean_rows(np.stack([reps[s][c] for s in reps], axis=1)) for c in self.columns}
+
+    def difference(self, a: str, b: str, metric: str = "auroc") -> tuple[dict[str, np.ndarray], int]:
+        """``a - b`` per column, paired: same replicate weights, seeds both methods have, averaged."""
+        ra, rb = self.replicates(a, metric), self.replicates(b, metric)
+        common = sorted(set(ra) & set(rb))
+        if not common:
+            return {}, 0
+        return {c: nanmean_rows(np.stack([ra[s][c] - rb[s][c] for s in common], axis=1))
+                for c in self.columns}, len(common)
 
     # ------------------------------------------------------------------ tables
-    def auroc_table(self, n_boot: int) -> list[str]:
+    def _boot_words(self) -> str:
+        unit = "patients" if self.patient_level else "records (the predictions carry no patient ids)"
+        seeds = sorted({s for m in self.methods for s in self.seeds(m)})
+        return (f"Intervals: {self.n_boot}-replicate percentile bootstrap 95 % intervals resampling test {unit} "
+                f"with replacement within each site, the same draws for every method and seed (paired); "
+                f"values and replicates are the mean over the seeds ({', '.join(map(str, seeds))}).")
+
+    def metric_table(self, metric: str) -> list[str]:
+        name = {"auroc": "AUROC", "auprc": "AUPRC (average precision)"}[metric]
         lines = [
-            f"### Macro AUROC per test site{self.tag}",
+            f"### Macro {name} per test site{self.tag}",
             "",
-            "Record-level macro AUROC of the final model on each site's test split. `pooled` is the "
-            "AUROC of all sites' test predictions concatenated (not an average); `mean-of-sites` is "
-            "the mean of the site columns (defined ones only). `local` = each site's own model on its own "
-            "test split (its `pooled` concatenates the predictions of the sites' own models). "
-            + ("Cells: mean ± standard deviation over seeds (n seeds)." if self._multi_seed() else "")
-            + (f" One seed: the interval is a {n_boot}-replicate bootstrap 95 % interval over test records."
-               if not self._multi_seed() else "")
-            + " n/a: undefined (no class has both positive and negative records in that test split).",
+            f"Record-level macro {name} of the final model on each site's test split (the mean over the "
+            "classes defined there). `pooled`: all sites' test predictions concatenated (not an average); "
+            "`mean-of-sites`: the mean of the site columns. `local` = each site's own model on its own test "
+            "split. " + self._boot_words() + " n/a: no class defined in that test split.",
             "",
             "| method | " + " | ".join(self.columns) + " |",
             "|---|" + "---|" * len(self.columns),
         ]
         for method in self.methods:
-            rows = self.headline_rows(method)
-            if not rows:
-                continue
-            seeds = self.seeds(method)
-            preds = None
-            if len(seeds) == 1:
-                preds = self.load_method_predictions(method, seeds[0])
-            cells = []
-            for col in self.columns:
-                vals = self.values(rows, col)
-                cells.append(self._cell(vals, preds, col, n_boot))
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            comb = self.combined(method, metric)
+            lines.append(f"| {method} | " + " | ".join(_cell(comb[c]) for c in self.columns) + " |")
         return lines
 
-    def _multi_seed(self) -> bool:
-        return any(len(self.seeds(m)) > 1 for m in self.methods)
-
-    def _cell(self, vals: dict[int, float], preds, col: str, n_boot: int) -> str:
-        if not vals:
-            return "–"
-        v = np.array(list(vals.values()), dtype=float)
-        if np.all(np.isnan(v)):
-            return "n/a"
-        if len(v) > 1:
-            return f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1):.3f} (n={len(v)})"
-        if preds is None:
-            return f"{_fmt(v[0])} (no CI: predictions missing)"
-        lo, hi = bootstrap_interval(preds, col, n_boot=n_boot)
-        return f"{_fmt(v[0])} [{_fmt(lo)}, {_fmt(hi)}]"
-
-    def cross_site_matrix(self) -> np.ndarray:
-        m = np.full((len(self.sites), len(self.sites)), np.nan)
-        for i, train in enumerate(self.sites):
-            for j, test in enumerate(self.sites):
-                vals = [r["value"] for r in self.final if r["method"] == "local" and r["train_sites"] == train
-                        and r["test_site"] == test and r["metric"] == "auroc_macro"]
-                if vals:
-                    m[i, j] = float(np.nanmean(vals)) if not np.all(np.isnan(vals)) else np.nan
-        return m
-
-    def cross_site_table(self, matrix: np.ndarray) -> list[str]:
+    def per_class_table(self, metric: str) -> list[str]:
+        name = {"auroc": "AUROC", "auprc": "AUPRC"}[metric]
         lines = [
-            f"### Cross-site matrix: local training, macro AUROC{self.tag}",
+            f"### Per-class {name}{self.tag}",
             "",
-            "Row: the site a local-only model was trained on; column: the test split it was scored on "
-            "(mean over seeds). `gap` = own-site AUROC minus the mean over the other sites.",
+            f"Test split, mean over seeds. n/a says why the class has no {name} there (never 0.5).",
             "",
-            "| trained on \\ tested on | " + " | ".join(self.sites) + " | gap |",
+            "| method | test set | " + " | ".join(self.classes) + " |",
+            "|---|---|" + "---|" * len(self.classes),
+        ]
+        for method in self.methods:
+            for col in [*self.sites, POOLED]:
+                vals = []
+                for seed in self.seeds(method):
+                    sets = self.method_sets(method, seed)
+                    pred = sets[col] if col != POOLED else concat_predictions(list(sets.values()))
+                    w = self.boot.weights[col][:1] if col != POOLED else np.ones((1, len(pred["probs"])))
+                    vals.append(per_class(pred, w, metric)[0])
+                mean = nanmean_rows(np.stack(vals, axis=1)) if vals else None
+                cells = []
+                for k in range(len(self.classes)):
+                    if mean is not None and not np.isnan(mean[k]):
+                        cells.append(_fmt(mean[k]))
+                    else:
+                        cells.append(f"n/a ({undefined_reason(pred, k) or 'undefined'})")
+                lines.append(f"| {method} | {col} | " + " | ".join(cells) + " |")
+        return lines
+
+    def f1_table(self) -> list[str]:
+        lines = [
+            f"### F1 at thresholds chosen on the validation split{self.tag}",
+            "",
+            "Per class, the threshold that maximises F1 on the model's validation predictions (local: its "
+            "site's validation split; pooled and federated: all sites' validation splits concatenated) is "
+            "applied once to the test split. Pooled test set; mean over seeds; point estimates only.",
+            "",
+            "| method | macro F1 | micro F1 | " + " | ".join(f"F1 {c}" for c in self.classes) + " |",
+            "|---|---|---|" + "---|" * len(self.classes),
+        ]
+        for method in self.methods:
+            per, mac, mic = [], [], []
+            for seed in self.seeds(method):
+                tests = [self.pred(method, seed, self.train_sites(method, s), s) for s in self.sites]
+                if method == "local":  # each site's own model, its own threshold, on its own records
+                    ths = np.concatenate([np.tile(best_f1_thresholds(self.pred(method, seed, s, s, "val")),
+                                                  (len(t["probs"]), 1)) for s, t in zip(self.sites, tests)])
+                else:
+                    val = concat_predictions([self.pred(method, seed, self.train_sites(method, s), s, "val")
+                                              for s in self.sites])
+                    ths = best_f1_thresholds(val)
+                p, ma, mi = f1_scores(concat_predictions(tests), ths)
+                per.append(p)
+                mac.append(ma)
+                mic.append(mi)
+            per_m = nanmean_rows(np.stack(per, axis=1)) if per else np.full(len(self.classes), np.nan)
+            lines.append(f"| {method} | {_fmt(float(nanmean_rows(np.array(mac))))} | "
+                         f"{_fmt(float(nanmean_rows(np.array(mic))))} | "
+                         + " | ".join(_fmt(v) for v in per_m) + " |")
+        return lines
+
+    def differences_table(self) -> list[str]:
+        pairs = []
+        for m in self.methods:
+            if m.startswith("federated"):
+                if "pooled" in self.methods:
+                    pairs.append((m, "pooled"))
+                if "local" in self.methods:
+                    pairs.append((m, "local"))
+            if m.endswith("+dp") and m[:-3] in self.methods:
+                pairs.append((m, m[:-3]))
+        if not pairs:
+            return []
+        lines = [
+            f"### Differences, macro AUROC{self.tag}",
+            "",
+            "Each row is `first - second` on the same test records; negative = the first method loses. "
+            "`local` = each site's own model (its `pooled` column concatenates the sites' own models' "
+            "predictions). " + self._boot_words() + " `(crosses 0)`: the interval includes 0 (no difference).",
+            "",
+            "| difference | seeds | " + " | ".join(self.columns) + " |",
+            "|---|---|" + "---|" * len(self.columns),
+        ]
+        for a, b in pairs:
+            diff, n = self.difference(a, b)
+            if not diff:
+                continue
+            lines.append(f"| {a} − {b} | {n} | " + " | ".join(_cell(diff[c], signed=True) for c in self.columns)
+                         + " |")
+        return lines
+
+    # ------------------------------------------------------------------ cross-site
+    def common_classes(self, train: str, test: str) -> list[int]:
+        return [k for k in range(len(self.classes)) if self.known[train][k] and self.known[test][k]]
+
+    def cross_site(self) -> dict:
+        """Macro AUROC of local model ``i`` on test site ``j`` over the classes known at both, the
+        per-class AUROCs, and the gap (in-site minus cross-site on the same classes) per train site."""
+        if "local" not in self.methods:
+            return {}
+        seeds = self.seeds("local")
+        n = len(self.sites)
+        macro_reps = np.full((n, n, 1 + self.n_boot), np.nan)
+        per_cls = np.full((len(self.classes), n, n), np.nan)
+        gaps = np.full((n, 1 + self.n_boot), np.nan)
+        for i, train in enumerate(self.sites):
+            in_minus_cross = []
+            for j, test in enumerate(self.sites):
+                cls = self.common_classes(train, test)
+                cell, insite, pc = [], [], []
+                for seed in seeds:
+                    p = self.pred("local", seed, train, test)
+                    w = self.boot.weights[test]
+                    pcs = per_class(p, w, "auroc", cls)
+                    cell.append(nanmean_rows(pcs))
+                    pc.append(pcs[0])
+                    if j != i:
+                        own = self.pred("local", seed, train, train)
+                        insite.append(nanmean_rows(per_class(own, self.boot.weights[train], "auroc", cls)))
+                macro_reps[i, j] = np.mean(np.stack(cell), axis=0)
+                per_cls[:, i, j] = nanmean_rows(np.stack(pc, axis=1))
+                if j != i:
+                    in_minus_cross.append(np.mean(np.stack(insite), axis=0) - macro_reps[i, j])
+            if in_minus_cross:
+                gaps[i] = nanmean_rows(np.stack(in_minus_cross, axis=1))
+        return {"macro": macro_reps, "per_class": per_cls, "gaps": gaps}
+
+    def cross_site_table(self, cs: dict) -> list[str]:
+        def short(cls: list[int]) -> str:
+            return "all" if len(cls) == len(self.classes) else ",".join(self.classes[k] for k in cls) or "none"
+
+        lines = [
+            f"### Cross-site matrix: local training, macro AUROC on the classes known at both sites{self.tag}",
+            "",
+            "Row: the site a local-only model was trained on; column: the test split it was scored on (mean over "
+            "seeds). Each cell averages only the classes the training site and the test site can both state "
+            "(in brackets; `all` = every class); a class one of them cannot state says nothing about transfer. "
+            "`gap` (in-site − cross-site) = for each other test site, the in-site AUROC on that cell's classes "
+            "minus the cell, averaged over the other sites, with its patient-level interval. Per-class matrices: "
+            "`cross_site_<CLASS>.csv` / `.png`; the macro one: `cross_site_macro.csv`.",
+            "",
+            "| trained on \\ tested on | " + " | ".join(self.sites) + " | gap (in-site − cross-site) |",
             "|---|" + "---|" * (len(self.sites) + 1),
         ]
         for i, s in enumerate(self.sites):
-            others = [matrix[i, j] for j in range(len(self.sites)) if j != i and not np.isnan(matrix[i, j])]
-            gap = matrix[i, i] - np.mean(others) if others and not np.isnan(matrix[i, i]) else np.nan
-            lines.append(f"| {s} | " + " | ".join(_fmt(v) for v in matrix[i]) + f" | {_fmt(gap)} |")
+            cells = [f"{_fmt(cs['macro'][i, j, 0])} ({short(self.common_classes(s, t))})"
+                     for j, t in enumerate(self.sites)]
+            lines.append(f"| {s} | " + " | ".join(cells) + f" | {_cell(cs['gaps'][i], signed=True)} |")
         return lines
 
-    def fed_minus_pooled(self) -> list[str]:
-        feds = [m for m in self.methods if m.startswith("federated")]
-        if not feds or "pooled" not in self.methods:
-            return []
-        pooled_rows = self.headline_rows("pooled")
-        lines = [
-            f"### Federated minus pooled, macro AUROC{self.tag}",
-            "",
-            "Paired by seed (same splits, same budget of local updates); negative = federation loses.",
-            "",
-            "| method | " + " | ".join(self.columns) + " |",
-            "|---|" + "---|" * len(self.columns),
-        ]
-        for method in feds:
-            rows = self.headline_rows(method)
-            cells = []
-            for col in self.columns:
-                a, b = self.values(rows, col), self.values(pooled_rows, col)
-                diffs = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))], dtype=float)
-                diffs = diffs[~np.isnan(diffs)]
-                if diffs.size == 0 and (a or b):
-                    cells.append("n/a")
-                elif diffs.size == 0:
-                    cells.append("–")
-                elif diffs.size == 1:
-                    cells.append(f"{diffs[0]:+.3f}")
-                else:
-                    cells.append(f"{np.nanmean(diffs):+.3f} ± {np.nanstd(diffs, ddof=1):.3f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        return lines
+    def write_cross_site_files(self, cs: dict, out: Path) -> list[str]:
+        written = []
+        mat = cs["macro"]
+        rows = [["trained_on", *[f"{t}" for t in self.sites], *[f"{t}_lo" for t in self.sites],
+                 *[f"{t}_hi" for t in self.sites], *[f"{t}_classes" for t in self.sites]]]
+        for i, s in enumerate(self.sites):
+            ivals = [interval(mat[i, j, 1:]) for j in range(len(self.sites))]
+            rows.append([s, *[_fmt(mat[i, j, 0]) for j in range(len(self.sites))],
+                         *[_fmt(lo) for lo, _ in ivals], *[_fmt(hi) for _, hi in ivals],
+                         *[" ".join(self.classes[k] for k in self.common_classes(s, t)) for t in self.sites]])
+        _write_csv(out / "cross_site_macro.csv", rows)
+        plots.plot_heatmap(mat[:, :, 0], self.sites, out / "cross_site_heatmap.png", self.tag,
+                           title="Cross-site macro AUROC (classes known at both sites)")
+        written.append("cross_site_heatmap.png")
+        for k, cls in enumerate(self.classes):
+            m = cs["per_class"][k]
+            rows = [["trained_on", *self.sites]]
+            for i, s in enumerate(self.sites):
+                cells = []
+                for j, t in enumerate(self.sites):
+                    if not self.known[s][k]:
+                        cells.append(f"n/a (not available at {s})")
+                    elif not self.known[t][k]:
+                        cells.append(f"n/a (not available at {t})")
+                    else:
+                        cells.append(_fmt(m[i, j]) if not np.isnan(m[i, j]) else "n/a (undefined in the test split)")
+                rows.append([s, *cells])
+            _write_csv(out / f"cross_site_{cls}.csv", rows)
+            plots.plot_heatmap(m, self.sites, out / f"cross_site_{cls}.png", self.tag,
+                               title=f"Cross-site AUROC, class {cls}")
+            written.append(f"cross_site_{cls}.png")
+        return written
 
     def epsilon_table(self) -> list[str]:
         dp_methods = [m for m in self.methods if m.endswith("+dp")]
@@ -215,16 +429,16 @@ class Report:
         ]
         for method in dp_methods:
             rows = [r for r in self.final if r["method"] == method]
-            eps = [np.mean(list(self.values(rows, s, "epsilon").values()) or [np.nan]) for s in self.sites]
+            eps = [np.mean([r["value"] for r in rows if r["test_site"] == s and r["metric"] == "epsilon"] or [np.nan])
+                   for s in self.sites]
             deltas = {r["value"] for r in rows if r["metric"] == "delta"}
             delta = ", ".join(f"{d:g}" for d in sorted(deltas)) or "n/a"
-            lines.append(f"| {method} | " + " | ".join(_fmt(e) if not np.isnan(e) else "n/a" for e in eps)
-                         + f" | {delta} |")
+            lines.append(f"| {method} | " + " | ".join(_fmt(e) for e in eps) + f" | {delta} |")
         return lines
 
     # ------------------------------------------------------------------ plots
     def round_series(self) -> dict[str, dict[str, list[tuple[int, float]]]]:
-        """Per-round macro AUROC of the first seed of every method that has per-round rows."""
+        """Per-round macro AUROC (validation split) of the first seed of every method that has them."""
         series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for method in self.methods:
             rows = [r for r in self.rows if r["method"] == method and r["metric"] == "round_auroc_macro"]
@@ -236,50 +450,58 @@ class Report:
                     series[method][r["test_site"]].append((r["round"], r["value"]))
         return {m: dict(s) for m, s in series.items()}
 
-    def roc_sets(self) -> tuple[dict[str, dict], list[str]]:
-        curves, classes = {}, []
-        for method in self.methods:
-            seeds = self.seeds(method)
-            preds = self.load_method_predictions(method, seeds[0]) if seeds else None
-            if preds:
-                pooled = concat_predictions(list(preds.values()))
-                curves[method] = pooled
-                classes = [str(c) for c in pooled.get("classes", classes)]
-        return curves, classes
+    def roc_sets(self) -> dict[str, dict]:
+        return {m: concat_predictions(list(self.method_sets(m, self.seeds(m)[0]).values()))
+                for m in self.methods if self.seeds(m)}
 
 
-def build_report(results_csv, predictions_dirs, out_dir, *, n_boot: int = 200) -> Path:
-    """Write ``out_dir/report.md`` and its PNG plots; returns the report's path."""
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def build_report(results_csv, predictions_dirs, out_dir, *, n_boot: int = DEFAULT_BOOT,
+                 config_hash: str | None = None) -> Path:
+    """Write ``out_dir/report.md``, its CSVs and PNG plots; returns the report's path."""
     if isinstance(predictions_dirs, (str, os.PathLike)):
         predictions_dirs = [predictions_dirs]
-    report = Report(results_csv, [Path(p) for p in predictions_dirs])
+    report = Report(results_csv, [Path(p) for p in predictions_dirs], config_hash=config_hash, n_boot=n_boot)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Federated vs pooled vs local ECG diagnosis{report.tag}", ""]
     if report.synthetic:
         lines += [
-            "> **Synthetic data.** Every number below comes from the embedded synthetic generator, "
-            "not from patients: it shows that the pipeline works, not how well any method diagnoses.",
+            "> **Synthetic data.** At least one site's data comes from the embedded synthetic generator, not "
+            "from patients: the numbers show that the pipeline works, not how well any method diagnoses.",
             "",
         ]
-    hashes = sorted({r["config_hash"] for r in report.final})
-    lines += [f"Source: `{Path(results_csv).name}`; config hash(es): {', '.join(f'`{h}`' for h in hashes)}; "
-              f"sites: {', '.join(report.sites)}.", ""]
-    lines += report.auroc_table(n_boot) + [""]
-    matrix = report.cross_site_matrix()
-    if not np.all(np.isnan(matrix)):
-        lines += report.cross_site_table(matrix) + [""]
-        plots.plot_heatmap(matrix, report.sites, out / "cross_site_heatmap.png", report.tag)
+    counts = ", ".join(f"{s} {report.n_records[s]} records / {report.n_patients[s]} patients" for s in report.sites)
+    lines += [f"Source: `{Path(results_csv).name}`, config hash `{report.config_hash}` only"
+              + (f" (rows of other configs in the file, not reported here: {', '.join(report.other_hashes)})"
+                 if report.other_hashes else "")
+              + f"; test splits: {counts}.", ""]
+    lines += report.metric_table("auroc") + [""]
+    lines += report.differences_table() + [""]
+    cs = report.cross_site()
+    if cs:
+        lines += report.cross_site_table(cs) + [""]
+        report.write_cross_site_files(cs, out)
         lines += [f"![Cross-site heatmap{report.tag}](cross_site_heatmap.png)", ""]
-    lines += report.fed_minus_pooled() + [""]
+    lines += report.metric_table("auprc") + [""]
+    lines += report.per_class_table("auroc") + [""]
+    lines += report.per_class_table("auprc") + [""]
+    lines += report.f1_table() + [""]
     lines += report.epsilon_table() + [""]
     series = report.round_series()
     if series:
         plots.plot_rounds(series, out / "auroc_per_round.png", report.tag)
-        lines += [f"![Macro AUROC per round per site{report.tag}](auroc_per_round.png)", ""]
-    curves, classes = report.roc_sets()
-    if curves and classes:
-        plots.plot_roc(curves, classes, out / "roc_curves.png", report.tag)
+        lines += [f"![Macro AUROC per round per site, validation split{report.tag}](auroc_per_round.png)", ""]
+    curves = report.roc_sets()
+    if curves:
+        plots.plot_roc(curves, report.classes, out / "roc_curves.png", report.tag)
         lines += [f"![ROC curves on the pooled test set{report.tag}](roc_curves.png)", ""]
     path = out / "report.md"
     tmp = out / f".report.md.tmp-{os.getpid()}"

@@ -39,11 +39,12 @@ def plot_rounds(series: Mapping[str, Mapping[str, list[tuple[int, float]]]], pat
         ax.set_ylabel("macro AUROC")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Macro AUROC per round per site{tag}")
+    fig.suptitle(f"Macro AUROC per round per site, validation split{tag}")
     return _save(fig, path)
 
 
-def plot_heatmap(matrix: np.ndarray, sites: Sequence[str], path: Path, tag: str) -> Path:
+def plot_heatmap(matrix: np.ndarray, sites: Sequence[str], path: Path, tag: str,
+                 title: str = "Cross-site macro AUROC") -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(sites) + 2, 1.0 * len(sites) + 1.5))
     low = float(np.nanmin(matrix)) if not np.all(np.isnan(matrix)) else 0.5
     im = ax.imshow(matrix, vmin=min(0.5, low), vmax=1.0, cmap="viridis")
@@ -56,8 +57,8 @@ def plot_heatmap(matrix: np.ndarray, sites: Sequence[str], path: Path, tag: str)
             v = matrix[i, j]
             ax.text(j, i, "n/a" if np.isnan(v) else f"{v:.3f}", ha="center", va="center",
                     color="white" if not np.isnan(v) and v < 0.75 else "black", fontsize=8)
-    fig.colorbar(im, ax=ax, label="macro AUROC")
-    ax.set_title(f"Cross-site macro AUROC{tag}", fontsize=10)
+    fig.colorbar(im, ax=ax, label="AUROC")
+    ax.set_title(f"{title}{tag}", fontsize=10)
     return _save(fig, path)
 
 

@@ -115,12 +115,14 @@ def _record_ids(dataset: Dataset, records: np.ndarray) -> np.ndarray:
     return ids[records].astype(str)
 
 
-def save_predictions(path: str | Path, result: EvalResult, classes: list[str]) -> Path:
-    """Record-level predictions as ``.npz`` (``record_ids, probs, targets, mask, classes``), atomically."""
+def save_predictions(path: str | Path, result: EvalResult, classes: list[str], **extra) -> Path:
+    """Record-level predictions as ``.npz`` (``record_ids, probs, targets, mask, classes``, plus
+    ``extra`` arrays such as ``patient_ids`` and ``config_hash``), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, classes=np.asarray(classes, dtype=str), **result.to_arrays())
+    np.savez(tmp, classes=np.asarray(classes, dtype=str), **result.to_arrays(),
+             **{k: np.asarray(v) for k, v in extra.items()})
     os.replace(tmp, path)
     return path
 
