@@ -184,3 +184,24 @@ def test_explain_with_a_checkpoint_uses_its_class_names(kit_data, tmp_path, caps
     assert info["trained"] is True and info["class"] == "MI"
     assert cli_main(["explain", "--model", "hierarchical", "--preset", "tiny", "--record", str(tmp_path / "nope"),
                      "--site", "cinc", "--out", str(out)]) == 2
+
+
+def test_explain_draws_cardioformer_router_attention_with_a_federation_checkpoints_class_names(kit_data, tmp_path, capsys):
+    """A checkpoint written by the federation (``shared.training.save_checkpoint``) names its
+    classes in ``data_config``; explain uses them, and for Cardioformer adds the router
+    (granularity) attention to the figure."""
+    from shared.training.checkpoint import save_checkpoint as save_federation_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("cardioformer", "tiny", n_leads=12, input_samples=250, n_classes=5)
+    classes = ["NORM", "MI", "STTC", "CD", "HYP"]
+    ckpt = save_federation_checkpoint(tmp_path / "checkpoint.pt", model_config=model.config, arrays=state_to_arrays(model),
+                                      round=1, data_config={"classes": classes, "fs": 250.0})
+    out = tmp_path / "fig.png"
+    rc = cli_main(["explain", "--model", "cardioformer", "--preset", "tiny", "--checkpoint", str(ckpt),
+                   "--record", str(kit_data / "cinc" / "cpsc_2018" / "A0001"), "--site", "cinc", "--out", str(out)])
+    assert rc == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "router_attention" and info["predicted"] in classes
+    assert list(info["granularity_importance"]) == ["g0 p4", "g1 p8", "g2 p16", "g3 p32"]
+    assert abs(sum(info["granularity_importance"].values()) - 1) < 1e-3

@@ -1,7 +1,9 @@
 """Command line: ``python -m shared.models summary|explain ...``.
 
 ``summary`` prints a model's size and cost as JSON; ``explain`` renders a lead-importance
-figure (PNG) for one WFDB record. Bad input exits with status 2 and a one-line message.
+figure (PNG) for one WFDB record: the 12 (or 15) leads, each coloured by its importance, a bar
+chart of the importances and, for Cardioformer, its router (granularity) attention. Bad input
+exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -120,8 +122,14 @@ def record_windows(record, n_leads: int, fs: float, input_samples: int) -> np.nd
 
 
 def render_lead_importance(path: Path, signal: np.ndarray, fs: float, lead_names: list[str], importance: np.ndarray,
-                           title: str) -> None:
-    """One row per lead, trace coloured by that lead's importance, plus a bar chart; atomic PNG."""
+                           title: str, router: np.ndarray | None = None,
+                           granularity_labels: list[str] | None = None) -> None:
+    """One row per lead, trace coloured by that lead's importance, plus a bar chart; atomic PNG.
+
+    ``router`` ``[G, G]`` (Cardioformer: router attention, mean over layers, heads and windows)
+    adds a heat map of it, labelled with ``granularity_labels``, and a bar chart of the
+    attention each granularity's router receives (the column means).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +139,10 @@ def render_lead_importance(path: Path, signal: np.ndarray, fs: float, lead_names
     n = len(lead_names)
     norm = colors.Normalize(vmin=0.0, vmax=max(float(importance.max()), 1e-9))
     cmap = cm.get_cmap("viridis") if hasattr(cm, "get_cmap") else matplotlib.colormaps["viridis"]
-    fig = plt.figure(figsize=(12, 0.55 * n + 1.6))
-    grid = fig.add_gridspec(n, 2, width_ratios=[5, 1], hspace=0.1, wspace=0.15)
+    with_router = router is not None
+    fig = plt.figure(figsize=(17 if with_router else 12, max(0.55 * n + 1.6, 7.5 if with_router else 0)))
+    grid = fig.add_gridspec(n, 3 if with_router else 2, width_ratios=[5, 1, 2.2] if with_router else [5, 1],
+                            hspace=0.1, wspace=0.3 if with_router else 0.15)
     t = np.arange(signal.shape[1]) / fs
     for i, name in enumerate(lead_names):
         ax = fig.add_subplot(grid[i, 0])
@@ -151,6 +161,22 @@ def render_lead_importance(path: Path, signal: np.ndarray, fs: float, lead_names
     bars.set_yticks(y, lead_names, fontsize=8)
     bars.invert_yaxis()
     bars.set_xlabel("lead importance")
+    if with_router:
+        labels = granularity_labels or [str(g) for g in range(router.shape[0])]
+        half = n // 2 + 1
+        heat = fig.add_subplot(grid[:half, 2])
+        image = heat.imshow(router, cmap="viridis")
+        heat.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        heat.set_yticks(range(len(labels)), labels, fontsize=6)
+        heat.set_xlabel("key router (patch length)", fontsize=8)
+        heat.set_ylabel("query router", fontsize=8)
+        heat.set_title("router (granularity) attention", fontsize=9)
+        fig.colorbar(image, ax=heat, fraction=0.046, pad=0.04)
+        received = fig.add_subplot(grid[half + 1:, 2])
+        received.bar(range(len(labels)), router.mean(axis=0), color="tab:blue")
+        received.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        received.set_ylabel("attention received", fontsize=8)
+        received.set_xlabel("granularity (patch length)", fontsize=8)
     fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".png")
@@ -184,6 +210,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
     probs = torch.sigmoid(out["logits"]).mean(0).numpy() if "logits" in out else None
     importance = out["lead_importance"].mean(0).numpy()  # mean over the record's windows: [K or 1, leads]
     classes = list(extra.get("classes") or [f"class {k}" for k in range(cfg["n_classes"])])
+    if len(classes) != cfg["n_classes"]:
+        raise ValueError(f"checkpoint {args.checkpoint}: {len(classes)} class names for a model with {cfg['n_classes']} outputs")
     if args.class_index is not None:
         k = args.class_index
     elif importance.shape[0] > 1 and probs is not None:
@@ -194,15 +222,25 @@ def cmd_explain(args: argparse.Namespace) -> None:
         raise ValueError(f"--class-index {k} is out of range: the model explains {importance.shape[0]} class(es)")
     label = classes[k] if importance.shape[0] == len(classes) else "all classes"
     prob = f", p={probs[k]:.2f}" if probs is not None and importance.shape[0] == len(probs) else ""
+    predicted = classes[int(np.argmax(probs))] if probs is not None else None
+    if predicted is not None and label == "all classes":
+        prob = f" (most probable: {predicted}, p={probs.max():.2f})"
     status = "trained checkpoint " + Path(args.checkpoint).name if trained else "UNTRAINED model (no checkpoint): importances are not meaningful"
     title = (f"{cfg['name']}/{cfg['preset']} - {status}\n{args.site}:{record.record_id} - {label}{prob} - "
              f"{out['method']}, mean over {len(windows)} window(s)")
     from shared.data.record import PTB_LEADS, STANDARD_LEADS
 
     lead_names = list(PTB_LEADS if cfg["n_leads"] == 15 else STANDARD_LEADS)
-    render_lead_importance(Path(args.out), windows[0], fs, lead_names, importance[k], title)
-    print(json.dumps({"out": str(args.out), "method": out["method"], "class": label, "trained": trained,
-                      "windows": len(windows), "lead_importance": dict(zip(lead_names, importance[k].round(4).tolist()))}))
+    router, labels = None, None
+    if out.get("router_attention") is not None:  # Cardioformer: [layers, windows, G, G]
+        router = out["router_attention"].float().mean(dim=(0, 1)).numpy()
+        labels = [f"g{g} p{p}" for g, p in enumerate(out["patch_lengths"])]  # patch lengths repeat
+    render_lead_importance(Path(args.out), windows[0], fs, lead_names, importance[k], title, router, labels)
+    info = {"out": str(args.out), "method": out["method"], "class": label, "predicted": predicted, "trained": trained,
+            "windows": len(windows), "lead_importance": dict(zip(lead_names, importance[k].round(4).tolist()))}
+    if router is not None:
+        info["granularity_importance"] = dict(zip(labels, router.mean(axis=0).round(4).tolist()))
+    print(json.dumps(info))
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -77,7 +77,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, extra: dict[str, Any] | 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored by :func:`save_checkpoint`; returns ``(model, extra)``.
 
-    Also accepts a dict with ``model_config`` / ``model_state`` keys.
+    Also accepts a dict with ``model_config`` / ``model_state`` keys, and a federation
+    checkpoint (``shared.training.save_checkpoint``: ``model_config``, ``state_dict`` or
+    ``arrays``, ``data_config``), whose ``data_config["classes"]`` become ``extra["classes"]``.
     """
     from .factory import rebuild_model
 
@@ -88,7 +90,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint {path}: expected a dict with 'config' and 'state_dict'")
     config = payload.get("config", payload.get("model_config"))
-    state = payload.get("state_dict", payload.get("model_state"))
+    state = payload.get("state_dict", payload.get("model_state", payload.get("arrays")))
     if config is None or state is None:
         raise ValueError(f"checkpoint {path}: needs 'config' and 'state_dict' keys, has {sorted(payload)}")
     model = rebuild_model(config)
@@ -96,4 +98,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         arrays_to_state(model, [np.asarray(a) for a in state])
     else:
         model.load_state_dict(state, strict=True)
-    return model, dict(payload.get("extra", {}))
+    extra = dict(payload.get("extra") or {})
+    data_config = payload.get("data_config") or {}
+    if "classes" not in extra and data_config.get("classes"):
+        extra["classes"] = list(data_config["classes"])
+    return model, extra
