@@ -106,7 +106,8 @@ def test_a_node_asked_to_play_another_site_refuses_and_trains_nothing():
 @pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
                                        ("fedyogi", FedYogi), ("fedtrimmedavg", FedTrimmedAvg), ("krum", Krum)])
 def test_each_strategy_is_selectable_from_the_run_config(name, cls):
-    strategy = build_strategy(load_run_config({**BASE, "strategy": name, "proximal-mu": 0.3, "server-lr": 0.05}))
+    strategy = build_strategy(load_run_config({**BASE, "strategy": name, "proximal-mu": 0.3, "server-lr": 0.05,
+                                               "trimmed-beta": 0.4}))
     assert isinstance(strategy, cls)
     assert strategy.weighted_by_key == "num-examples"
     if name == "fedprox":

@@ -38,10 +38,11 @@ def _add_prepare(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N listed records")
     p.add_argument("--records", type=int, default=None, help="synthetic: number of records (default 200)")
     p.add_argument("--seed", type=int, default=0, help="synthetic: generator seed (default 0)")
-    p.add_argument("--include-sources", nargs="+", default=None, metavar="SOURCE", choices=("ptb", "ptbxl"),
+    p.add_argument("--include-sources", nargs="+", default=None, metavar="SOURCE", choices=("ptb", "ptbxl", "incart"),
                    help="cinc: keep these Challenge sub-sources that are excluded by default "
                         "(ptb, ptbxl: the same patients as the ptb/ptbxl sites; keep them only "
-                        "when those sites are not in the federation)")
+                        "when those sites are not in the federation; incart: 75 records of 32 "
+                        "subjects with no subject id, so split by record)")
     p.add_argument("--force", action="store_true", help="replace a cache built with another config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

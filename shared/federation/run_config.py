@@ -104,6 +104,13 @@ def load_run_config(run_config: Mapping[str, Any]) -> DictConfig:
     if cfg.min_replies > len(cfg.site_list):
         raise ConfigError(f"run config: min-replies = {cfg.min_replies} is invalid: the run has only "
                           f"{len(cfg.site_list)} sites {cfg.site_list}")
+    if cfg.strategy == "fedtrimmedavg" and int(float(cfg.trimmed_beta) * cfg.min_replies) < 1:
+        # Flower's trimmed mean cuts int(beta x replies) updates at each end: below 1 it is FedAvg
+        raise ConfigError(
+            f"run config: trimmed-beta = {cfg.trimmed_beta!r} is invalid: FedTrimmedAvg cuts int(beta x replies) "
+            f"site updates at each end, and a round may aggregate {cfg.min_replies} replies "
+            f"({len(cfg.site_list)} sites, min-replies {cfg.min_replies}), so it would trim nobody; use "
+            f"trimmed-beta >= {1 / cfg.min_replies:.3f} (below 0.5) or another strategy")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

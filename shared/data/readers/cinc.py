@@ -12,10 +12,18 @@ Each record's sub-source comes from its name prefix (or, for ``JS``, its folder)
 | ``E`` | ``georgia`` (G12EC) | 500 |
 | ``JS`` | ``chapman`` (JS00001-JS10646) or ``ningbo`` (JS10647-JS45551); a ``chapman_shaoxing`` or ``ningbo`` folder name wins | 500 |
 
-Native labels are the ``# Dx:`` SNOMED-CT codes. The ``ptb`` and ``ptbxl`` sub-sources are the
-same patients as this project's ``ptb`` and ``ptbxl`` sites, so they are excluded by default:
-option ``exclude_sources=("ptb", "ptbxl")``; pass ``exclude_sources=()`` to keep them. There are
-no patient ids: records are split by record.
+Native labels are the ``# Dx:`` SNOMED-CT codes.
+
+Subjects: the Challenge headers carry no subject (patient) id (only ``# Age`` / ``# Sex``), so a
+record's split key is its record id, and a split is patient-disjoint only for sub-sources whose
+records are one per subject. :data:`SUBJECTS` says, per sub-source, what is known: where a source
+is known to repeat subjects and gives no way to group them (``incart``: 75 records of 32
+subjects; the Challenge copies of ``ptb``: 549 records of 290 patients, and ``ptbxl``: 21,799
+records of 18,869 patients), it is excluded by default, so that one subject cannot sit in train
+and test: option ``exclude_sources=("ptb", "ptbxl", "incart")`` (:data:`DEFAULT_EXCLUDE`). The
+``ptb`` and ``ptbxl`` sub-sources are moreover the same patients as this project's ``ptb`` and
+``ptbxl`` sites. Pass ``exclude_sources=()`` (or ``include_sources=...``) to keep them, knowing
+that their records are then split by record.
 
 Known defect, fixed here and flagged: the Challenge 2020 PTB headers (``S0001`` ...) declare a
 gain of 2000000/mV, but the stored values are microvolts (``S0001`` is ``ptbdb`` ``s0010_re``
@@ -37,7 +45,24 @@ from .common import check_native_labels, comment_value, read_leads
 from .fastio import Header, read_header
 
 SUBSOURCES = ("cpsc", "cpsc_extra", "incart", "ptb", "ptbxl", "georgia", "chapman", "ningbo", "unknown")
-DEFAULT_EXCLUDE = ("ptb", "ptbxl")
+#: What each sub-source reveals about subjects: ``one_per_subject`` (records can be split by
+#: record), ``ungroupable`` (subjects repeat and no id says which records share one: excluded by
+#: default), with the source of the statement.
+SUBJECTS: dict[str, tuple[str, str]] = {
+    "cpsc": ("one_per_subject", "CPSC 2018: one recording per patient, no subject id"),
+    "cpsc_extra": ("one_per_subject", "CPSC 2018 extra: one recording per patient, no subject id"),
+    "incart": ("ungroupable", "St Petersburg INCART: 75 records of 32 subjects, no subject id in the headers"),
+    "ptb": ("ungroupable", "the PTB Diagnostic ECG Database: 549 records of 290 patients, no patient id in the "
+                           "Challenge headers (and the same patients as the ptb site)"),
+    "ptbxl": ("ungroupable", "PTB-XL: 21,799 records of 18,869 patients, no patient id in the Challenge headers "
+                             "(and the same patients as the ptbxl site)"),
+    "georgia": ("one_per_subject", "G12EC: no subject id published; taken as one record per subject"),
+    "chapman": ("one_per_subject", "Chapman-Shaoxing: 10,646 patients, one ECG each"),
+    "ningbo": ("one_per_subject", "Ningbo: no subject id published; taken as one record per subject"),
+    "unknown": ("one_per_subject", "unrecognised prefix: no subject id; split by record"),
+}
+#: Sub-sources left out unless asked for: every ``ungroupable`` one (INCART, PTB, PTB-XL).
+DEFAULT_EXCLUDE = tuple(s for s, (kind, _) in SUBJECTS.items() if kind == "ungroupable")
 PREFIXES = (("HR", "ptbxl"), ("JS", "js"), ("A", "cpsc"), ("Q", "cpsc_extra"), ("I", "incart"), ("S", "ptb"), ("E", "georgia"))
 #: Last Chapman-Shaoxing record number in the Challenge 2021 data; Ningbo starts after it.
 CHAPMAN_LAST = 10646
@@ -90,7 +115,8 @@ def fix_gain(header: Header, path: str, enabled: bool = True) -> tuple[Header, d
 
 
 class CincReader(SiteReader):
-    """Options: ``exclude_sources`` (default ``("ptb", "ptbxl")``) or ``include_sources`` (keep
+    """Options: ``exclude_sources`` (default ``("incart", "ptb", "ptbxl")``: the sub-sources whose
+    records cannot be grouped by subject) or ``include_sources`` (keep
     exactly these sub-sources), ``fix_ptb_gain`` (True),
     ``bad_leads`` (``skip``|``zero``|``keep``), ``strict_labels`` (True)."""
 
