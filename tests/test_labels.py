@@ -212,3 +212,13 @@ def test_the_cache_labeler_leaves_no_positives_only_class_at_any_synthetic_site(
             stated_unavailable += int((harmonise(site, rec.native_labels).astype(bool) & ~mask.astype(bool)).any())
         if site == "ptb":  # its generator states CD/HYP admissions: the rule is exercised
             assert stated_unavailable > 0
+
+
+def test_coverage_table_counts_what_the_mask_leaves():
+    from shared.data.labels.coverage import coverage, markdown
+
+    ptb = coverage("ptb", 120)["ptb"]
+    cd = SUPER.index("CD")
+    assert not ptb["available"][cd] and ptb["pos"][cd] == 0 and ptb["neg"][cd] == 0 and ptb["dropped"][cd] > 0
+    assert ptb["pos"][0] + ptb["neg"][0] == ptb["records"] == 120
+    assert "| ptb | - | 120 |" in markdown(120).replace("| ptb | - | 120 | ", "| ptb | - | 120 |")
