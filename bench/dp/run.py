@@ -1,0 +1,179 @@
+"""DP benchmark: what DP-SGD at every site costs in pooled-test AUROC and in step time. SYNTHETIC data.
+
+In one run, on the embedded synthetic federation (4 sites, ``--records`` records per site):
+
+* FedAvg without DP, and FedAvg with DP-SGD at every site at a target epsilon per site of about
+  1, 3 and 10 (privacy unit: record; delta = 1/(10 N), N = the site's training records). For
+  each target the site's noise multiplier is the smallest that reaches it after all rounds
+  (Opacus ``get_noise_multiplier``, RDP accountant), so the reported epsilon is the site's
+  epsilon after the last round. Pooled-test macro AUROC of the final global model (the test
+  splits of all sites concatenated, record-level as in the server's pooled evaluation);
+* the DP/plain step-time ratio: seconds per optimiser step of the same model on the same
+  site, batch ``--step-batch`` (plain: a shuffled batch; DP: a Poisson batch of that expected
+  size with per-sample clipping and noise), median of ``--step-repeats`` calls.
+
+The federation is driven in this process, not through Flower: every round each site's
+``shared.federation.site_training.train_site`` (the ClientApp's own training path, without a
+ledger directory: the accountant history is kept here), then the FedAvg weighted average
+(``num-examples``). Flower adds no computation to what is measured (see bench/fl).
+
+    python -m bench.dp.run [--records 400] [--rounds 4] [--epsilons 1,3,10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.federation.quiet import quiet_third_party_warnings
+from shared.federation.run_config import load_run_config
+from shared.federation.site_data import ensure_cache
+from shared.federation.site_training import evaluate_site, new_model, train_site
+from shared.metrics import masked_macro_auroc
+from shared.training.privacy import sample_rate_and_steps
+
+
+def fedavg(states: list[dict], weights: list[int]) -> dict:
+    total = float(sum(weights))
+    return {k: (sum(s[k] * (w / total) for s, w in zip(states, weights)) if ref.is_floating_point() else ref)
+            for k, ref in states[0].items()}
+
+
+def pooled_auroc(cfg, caches: dict[str, Path], state) -> float:
+    results = [evaluate_site(cfg, cache, state) for cache in caches.values()]
+    _, macro = masked_macro_auroc(*(np.concatenate([getattr(r, k) for r in results]) for k in ("probs", "targets", "mask")))
+    return float(macro)
+
+
+def train_units(cfg, cache: Path) -> int:
+    from shared.data.loader import WindowDataset
+    from shared.federation.run_config import input_samples
+
+    return len(WindowDataset(cache, "train", crop_samples=input_samples(cfg), train=True, unit=str(cfg.dp_unit)))
+
+
+def noise_for(target: float, n_units: int, cfg) -> tuple[float, float]:
+    """(noise multiplier, delta) reaching ``target`` epsilon after every round at a site of ``n_units``."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    epochs = int(cfg.dp_local_epochs) or int(cfg.local_epochs)
+    q, steps_per_round = sample_rate_and_steps(n_units, int(cfg.dp_batch_size), epochs)
+    delta = 1.0 / (10 * n_units)
+    sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                 steps=steps_per_round * int(cfg.num_server_rounds), accountant="rdp",
+                                 epsilon_tolerance=0.01)
+    return float(sigma), delta
+
+
+def federate(base: dict, caches: dict[str, Path], target: float | None) -> dict:
+    """FedAvg over ``num-server-rounds``; DP at every site when ``target`` is set."""
+    cfg = load_run_config(base)
+    site_cfgs, dp_states, info = {}, {}, {}
+    for site, cache in caches.items():
+        if target is None:
+            site_cfgs[site] = cfg
+            continue
+        n = train_units(cfg, cache)
+        sigma, delta = noise_for(target, n, load_run_config({**base, "dp": True}))
+        site_cfgs[site] = load_run_config({**base, "dp": True, "dp-noise-multiplier": sigma, "dp-delta": delta})
+        info[site] = {"units": n, "noise": sigma, "delta": delta}
+    torch.manual_seed(int(cfg.seed))
+    state = new_model(site_cfgs[next(iter(caches))]).state_dict()
+    t0 = time.perf_counter()
+    for rnd in range(1, int(cfg.num_server_rounds) + 1):
+        outcomes = []
+        for site, cache in caches.items():
+            out = train_site(site_cfgs[site], cache, site, rnd, state, dp_state=dp_states.get(site))
+            dp_states[site] = out.result.dp_state
+            if out.dp_report:
+                info[site].update(epsilon=out.dp_report["epsilon"], sample_rate=out.dp_report["sample-rate"])
+            outcomes.append(out)
+        state = fedavg([o.state for o in outcomes], [o.result.num_examples for o in outcomes])
+    auroc = pooled_auroc(site_cfgs[next(iter(caches))], caches, state)
+    return {"target": target, "auroc": auroc, "sites": info, "seconds": time.perf_counter() - t0}
+
+
+def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) -> float:
+    """Seconds per optimiser step of ``train_local`` (2 epochs; median of ``repeats`` calls)."""
+    from shared.data.loader import WindowDataset
+    from shared.federation.run_config import input_samples
+    from shared.training import DPConfig, TrainConfig, train_local
+
+    cfg = load_run_config({**base, "dp": dp})
+    dataset = WindowDataset(cache, "train", crop_samples=input_samples(cfg), train=True, unit="record")
+    dp_cfg = DPConfig(noise_multiplier=1.0, delta=1.0 / (10 * len(dataset))) if dp else None
+    train_cfg = TrainConfig(epochs=2, batch_size=batch, device="cpu", dp=dp_cfg, max_physical_batch=4 * batch)
+    times = []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        model = new_model(cfg)
+        t0 = time.perf_counter()
+        out = train_local(model, dataset, train_cfg)
+        times.append((time.perf_counter() - t0) / max(out.steps, 1))
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--records", type=int, default=400, help="synthetic records per site")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-epochs", type=int, default=2)
+    p.add_argument("--dp-batch-size", type=int, default=128, help="DP logical batch (expected Poisson sample)")
+    p.add_argument("--dp-lr", type=float, default=3e-3)
+    p.add_argument("--dp-clip", type=float, default=1.0)
+    p.add_argument("--epsilons", default="1,3,10")
+    p.add_argument("--step-batch", type=int, default=64)
+    p.add_argument("--step-repeats", type=int, default=2)
+    p.add_argument("--model", default="hierarchical")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+    quiet_third_party_warnings(False)
+    base = {"model": args.model, "preset": args.preset, "synthetic-records": args.records,
+            "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "device": "cpu",
+            "dp-batch-size": args.dp_batch_size, "dp-lr": args.dp_lr, "dp-max-grad-norm": args.dp_clip}
+    cfg = load_run_config(base)
+    caches = {site: ensure_cache(site, "", cfg) for site in cfg.site_list}
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    plain_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=False)
+    dp_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=True)
+    print(f"step time, batch {args.step_batch}: plain {plain_step:.3f} s, DP {dp_step:.3f} s", flush=True)
+    runs = [federate(base, caches, None)]
+    print(f"no DP: pooled-test macro AUROC {runs[0]['auroc']:.3f} ({runs[0]['seconds']:.0f} s)", flush=True)
+    for target in (float(e) for e in args.epsilons.split(",")):
+        runs.append(federate(base, caches, target))
+        r = runs[-1]
+        print(f"DP eps {target:g}: pooled-test macro AUROC {r['auroc']:.3f} ({r['seconds']:.0f} s) "
+              + json.dumps(r["sites"]), flush=True)
+    plain = runs[0]["auroc"]
+    print()
+    print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, FedAvg, 4 sites x {args.records} records, "
+          f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: unit record, logical batch "
+          f"{args.dp_batch_size}, lr {args.dp_lr:g}, clip {args.dp_clip:g}, delta 1/(10 N)")
+    print("| run | epsilon per site (after all rounds) | noise multiplier | pooled-test macro AUROC | cost vs no DP |")
+    print("|---|---|---|---|---|")
+    print(f"| no DP | - | - | {plain:.3f} | - |")
+    for r in runs[1:]:
+        eps = " ".join(f"{s} {v.get('epsilon', float('nan')):.2f}" for s, v in r["sites"].items())
+        sig = " ".join(f"{v['noise']:.2f}" for v in r["sites"].values())
+        print(f"| DP eps ~{r['target']:g} | {eps} | {sig} | {r['auroc']:.3f} | {plain - r['auroc']:+.3f} |")
+    print(f"\nstep time, batch {args.step_batch} (ptbxl): plain {plain_step * 1e3:.1f} ms, DP {dp_step * 1e3:.1f} ms, "
+          f"DP/plain {dp_step / plain_step:.2f}x")
+    print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"wall {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": runs,
+                                         "plain_step_s": plain_step, "dp_step_s": dp_step}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
