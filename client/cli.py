@@ -39,6 +39,9 @@ EXIT_SUPERNODE = 4  # flower-supernode failed for another reason
 FLWR_EXIT_CONNECTION_FAILED = 305
 # Seconds the SuperNode's processes get between SIGTERM and SIGKILL when they are stopped.
 STOP_GRACE = 3.0
+# How long a site keeps retrying (with Flower's exponential backoff) while the SuperLink is
+# unreachable: a coordinator restart or an overnight outage must not end the site's node.
+DEFAULT_MAX_WAIT = 6 * 3600.0
 
 
 class UsageError(Exception):
@@ -82,13 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="local port of the SuperNode's runtime API (127.0.0.1 only; default: a free port)",
     )
     parser.add_argument(
-        "--max-wait", type=float, default=300.0, metavar="SECONDS",
-        help="give up when the SuperLink stays unreachable this long (default 300; 0 = never)",
+        "--max-wait", type=float, default=DEFAULT_MAX_WAIT, metavar="SECONDS",
+        help="keep retrying with backoff while the SuperLink is unreachable, and give up after "
+        f"this long (default {DEFAULT_MAX_WAIT:.0f} = {DEFAULT_MAX_WAIT / 3600:g} h; 0 = never give up)",
     )
     parser.add_argument(
         "--max-retries", type=int, default=None,
         help="give up after this many failed connection attempts (default: no limit)",
     )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None, metavar="DIR",
+        help="this site's own state: its privacy ledger (the epsilon spent on this dataset over every "
+        "run), kept across runs and node restarts; back it up (default: $XDG_STATE_HOME or "
+        "~/.local/state, then fed-ecg/<site>)",
+    )
+    policy = parser.add_argument_group("privacy policy of this site (DP runs that break it are refused)")
+    policy.add_argument("--dp-required", action="store_true", help="refuse any run without differential privacy")
+    policy.add_argument("--dp-max-epsilon", type=float, metavar="EPS",
+                        help="lifetime epsilon this dataset may reach over every run (checked against the ledger)")
+    policy.add_argument("--dp-min-noise-multiplier", type=float, metavar="SIGMA", help="refuse less DP noise")
+    policy.add_argument("--dp-max-delta", type=float, metavar="DELTA", help="refuse a larger DP delta")
+    policy.add_argument("--dp-secure-mode", action="store_true",
+                        help="DP noise and sampling from Opacus secure_mode (a CSPRNG; needs torchcsprng)")
     parser.add_argument(
         "--dry-run", action="store_true",
         help="validate, print what this node would serve and the command, and exit",
@@ -139,6 +157,7 @@ def validate(args: argparse.Namespace) -> SiteData:
         raise UsageError("--max-wait must be >= 0 seconds")
     if args.max_retries is not None and args.max_retries < 0:
         raise UsageError("--max-retries must be >= 0")
+    check_state_dir(args)
     return site_data
 
 
@@ -232,12 +251,54 @@ def check_auth_key(path: Path) -> None:
 # ---------------------------------------------------------------- the SuperNode command
 
 
-def node_config(site: str, data: Path) -> str:
-    """The ``--node-config`` string: TOML literal strings, so paths need no escaping."""
+def default_state_dir(site: str) -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base).expanduser() / "fed-ecg" / site
+
+
+def check_state_dir(args: argparse.Namespace) -> None:
+    """The state directory must be writable (the privacy ledger goes there); policy values positive."""
+    args.state_dir = (args.state_dir or default_state_dir(args.site)).expanduser().resolve()
+    if args.dry_run:  # nothing is created by a dry run
+        return
+    try:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = args.state_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--state-dir {args.state_dir} cannot be written ({exc.strerror or exc}); "
+                         "the site's privacy ledger is kept there") from None
+    for flag in ("dp_max_epsilon", "dp_min_noise_multiplier", "dp_max_delta"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} {value:g} must be > 0")
+    if args.dp_max_delta is not None and not args.dp_max_delta < 1:
+        raise UsageError(f"--dp-max-delta {args.dp_max_delta:g} must be < 1")
+
+
+def node_config(site: str, data: Path, args: argparse.Namespace | None = None) -> str:
+    """The ``--node-config`` string: TOML literal strings, so paths need no escaping; the state
+    directory and the site's privacy policy from ``args``."""
     text = str(data)
     if "'" in text or "\n" in text:
         raise UsageError(f"--data {data}: a path with a quote or newline cannot be passed on")
-    return f"site='{site}' data='{text}'"
+    out = f"site='{site}' data='{text}'"
+    if args is None:
+        return out
+    state = str(getattr(args, "state_dir", None) or "")
+    if "'" in state or "\n" in state:
+        raise UsageError(f"--state-dir {state}: a path with a quote or newline cannot be passed on")
+    if state:
+        out += f" state-dir='{state}'"
+    if getattr(args, "dp_required", False):
+        out += " dp-required=true"
+    if getattr(args, "dp_secure_mode", False):
+        out += " dp-secure-mode=true"
+    for flag in ("dp_max_epsilon", "dp_min_noise_multiplier", "dp_max_delta"):
+        if getattr(args, flag, None) is not None:
+            out += f" {flag.replace('_', '-')}={float(getattr(args, flag))!r}"
+    return out
 
 
 def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str]:
@@ -257,7 +318,7 @@ def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str
         command += ["--max-wait-time", str(args.max_wait)]
     if args.max_retries is not None:
         command += ["--max-retries", str(args.max_retries)]
-    command += ["--node-config", node_config(args.site, site_data.path)]
+    command += ["--node-config", node_config(args.site, site_data.path, args)]
     return command
 
 
@@ -293,7 +354,7 @@ def describe(args: argparse.Namespace, site_data: SiteData, command: list[str]) 
             + " ".join(f"{positives.get(c, 0):>6}" for c in classes)
         )
     lines.append("  (class columns: positive records; a class unknown at this site counts 0)")
-    lines.append(f"node config: {node_config(args.site, site_data.path)}")
+    lines.append(f"node config: {node_config(args.site, site_data.path, args)}")
     lines.append(
         "transport: "
         + ("PLAIN TEXT (--insecure)" if args.insecure else "TLS")
@@ -314,9 +375,14 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> int:
     """Run flower-supernode in the foreground, pass its output through, forward SIGTERM/SIGINT,
     and turn a connection failure into a message that says what to check."""
     env = dict(os.environ, PATH=runtime_path())
+    # Flower telemetry is off unless the operator sets FLWR_TELEMETRY_ENABLED=1 themselves.
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    patience = f"up to {args.max_wait / 3600:g} h (--max-wait)" if args.max_wait > 0 else "without limit"
     print(
         f"python -m client: starting SuperNode for site '{args.site}' -> {args.superlink} "
-        f"({'PLAIN TEXT' if args.insecure else 'TLS'})",
+        f"({'PLAIN TEXT' if args.insecure else 'TLS'}; Flower telemetry "
+        f"{'on' if env['FLWR_TELEMETRY_ENABLED'] not in ('0', 'false', 'False') else 'off'}). While the SuperLink "
+        f"is unreachable the node retries with backoff ('Connection attempt failed, retrying in ...') {patience}",
         file=sys.stderr, flush=True,
     )
     # Own session, under the guard of shared.processes: the SuperNode, its flower-superexec and

@@ -38,7 +38,10 @@ from shared.training import save_checkpoint
 CHECKPOINT = "checkpoint.pt"
 ROUNDS_CSV = "rounds.csv"
 TRAIN_METRICS = {"train-loss": "train_loss", "num-examples": "num_examples", "steps": "steps",
-                 "epsilon": "epsilon", "delta": "delta", "dp-budget-exhausted": "dp_budget_exhausted"}
+                 "epsilon": "epsilon", "delta": "delta", "dp-budget-exhausted": "dp_budget_exhausted",
+                 "dp-sample-rate": "dp_sample_rate", "dp-noise-multiplier": "dp_noise_multiplier",
+                 "dp-max-grad-norm": "dp_max_grad_norm"}
+DP_UNITS_PREFIX = "dp-units-"  # + the privacy unit: the site's number of units (record, patient, window)
 EVAL_METRICS = {"auroc-macro": "auroc_macro", "loss": "loss"}
 
 
@@ -167,6 +170,8 @@ class RoundEnd:
             for key, name in TRAIN_METRICS.items():
                 if key in metrics and not (name in ("epsilon", "delta") and metrics[key] < 0):
                     self.log.add(rnd, site, name, metrics[key])
+            for key in (k for k in metrics if k.startswith(DP_UNITS_PREFIX)):
+                self.log.add(rnd, site, key.replace("-", "_"), metrics[key])
         aurocs = []
         for site, metrics in sorted(self.strategy.last_eval.items()):
             for key, name in EVAL_METRICS.items():
@@ -202,16 +207,25 @@ class RoundEnd:
             v = self.log.value(rnd, site, metric)
             return "-" if v is None or math.isnan(v) else f"{v:.3f}"
 
-        if rnd > 0:
+        if rnd > 0 and not self.cfg.dp:  # a DP site sends no (unnoised) training loss
             parts.append("train loss " + " ".join(f"{s} {fmt(s, 'train_loss')}" for s in sites))
+        if rnd > 0:
             parts.append("AUROC " + " ".join(f"{s} {fmt(s, 'auroc_macro')}" for s in sites)
                          + f" mean-of-sites {fmt('mean-of-sites', 'auroc_macro')}")
         if self.pooled_caches:
             parts.append(f"pooled-val {fmt('pooled', 'auroc_macro')}")
         if self.cfg.dp and rnd > 0:
-            parts.append("eps " + " ".join(f"{s} {fmt(s, 'epsilon')}" for s in sites))
+            parts.append(f"DP unit {self.cfg.dp_unit}: eps " + " ".join(f"{s} {fmt(s, 'epsilon')}" for s in sites)
+                         + " | delta " + " ".join(f"{s} {_g(self.log.value(rnd, s, 'delta'))}" for s in sites)
+                         + " | q " + " ".join(f"{s} {_g(self.log.value(rnd, s, 'dp_sample_rate'))}" for s in sites)
+                         + " | steps " + " ".join(f"{s} {_g(self.log.value(rnd, s, 'steps'))}" for s in sites)
+                         + f" | noise {self.cfg.dp_noise_multiplier:g} clip {self.cfg.dp_max_grad_norm:g}")
             stopped = [s for s in sites if self.log.value(rnd, s, "dp_budget_exhausted") == 1.0]
             if stopped:
                 parts.append("stopped, epsilon budget reached: " + " ".join(stopped))
         parts.append(f"{took:.1f} s")
         return " | ".join(parts)
+
+
+def _g(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.3g}"

@@ -26,7 +26,8 @@ def _fmt(v: float | None) -> str:
 def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: bool,
                 pooled_note: str | None) -> Table:
     tag = "SYNTHETIC data" if synthetic else "real data"
-    dp = f", DP (noise {cfg.dp_noise_multiplier}, clip {cfg.dp_max_grad_norm})" if cfg.dp else ""
+    dp = (f", DP (unit {cfg.dp_unit}, noise {cfg.dp_noise_multiplier}, clip {cfg.dp_max_grad_norm})"
+          if cfg.dp else "")
     table = Table(title=f"fed-ecg: {cfg.model}/{cfg.preset}, {cfg.strategy}{dp}, round {final_round}, "
                         f"seed {cfg.seed} [{tag}]")
     table.add_column("validation set")
@@ -34,6 +35,7 @@ def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: 
     table.add_column("how it is computed")
     if cfg.dp:
         table.add_column("epsilon (delta)", justify="right")
+        table.add_column("DP: units, sample rate, steps this run", justify="right")
     for site in cfg.site_list:
         how = ("at the site: global model + the site's own site-local layers (FedBN)" if cfg.site_local
                else "federated evaluation at the site")
@@ -44,14 +46,25 @@ def final_table(cfg: DictConfig, log: RoundLog, final_round: int, *, synthetic: 
             if eps is None:  # a site that stopped (budget) reports its last epsilon in earlier rounds
                 eps = max((v for r, s, m, v in log.rows if s == site and m == "epsilon"), default=None)
             row.append("n/a" if eps is None else f"{eps:.2f} ({delta if delta is not None else cfg.dp_delta:g})")
+            row.append(_dp_cell(log, site, cfg.dp_unit))
         table.add_row(*row)
     row = ["mean of sites", _fmt(log.value(final_round, "mean-of-sites", "auroc_macro")),
            "unweighted mean of the site AUROCs (not a pooled AUROC)"]
-    table.add_row(*(row + ([""] if cfg.dp else [])))
+    table.add_row(*(row + (["", ""] if cfg.dp else [])))
     if pooled_note is not None:
         row = ["pooled validation", _fmt(log.value(final_round, "pooled", "auroc_macro")), pooled_note]
-        table.add_row(*(row + ([""] if cfg.dp else [])))
+        table.add_row(*(row + (["", ""] if cfg.dp else [])))
     return table
+
+
+def _dp_cell(log: RoundLog, site: str, unit: str) -> str:
+    """``N <unit>s, q <rate>, <steps> steps`` from the site's train replies of this run."""
+    units = [v for r, s, m, v in log.rows if s == site and m == f"dp_units_{unit}"]
+    rates = [v for r, s, m, v in log.rows if s == site and m == "dp_sample_rate"]
+    steps = sum(v for r, s, m, v in log.rows if s == site and m == "steps")
+    if not units:
+        return "n/a"
+    return f"{int(units[-1])} {unit}s, q {rates[-1]:.3g}, {int(steps)} steps"
 
 
 def render(table: Table, *, width: int = 120) -> str:

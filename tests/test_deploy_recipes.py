@@ -233,7 +233,7 @@ def test_client_command_flags_exist_in_flower_supernode(certs, small_cache):
     ])
     command = client_cli.supernode_command(args, client_cli.validate(args))
     assert {w for w in command if w.startswith("--")} <= help_flags(str(VENV_BIN / "flower-supernode"))
-    assert command[command.index("--node-config") + 1] == f"site='ptb' data='{small_cache.resolve()}'"
+    assert command[command.index("--node-config") + 1].startswith(f"site='ptb' data='{small_cache.resolve()}' state-dir='")
     assert "--insecure" not in command
 
 

@@ -128,3 +128,142 @@ def test_empty_poisson_batches_are_noise_steps_and_are_counted():
     independent = RDPAccountant()
     independent.history = [(SIGMA, 0.5, 20)]
     assert result.epsilon == pytest.approx(independent.get_epsilon(delta=DELTA))
+
+
+# ------------------------------------------------------------------ the site's ledger, policy, unit
+from pathlib import Path  # noqa: E402
+
+from shared.privacy import Ledger, LedgerError, PrivacyRefused, SitePolicy  # noqa: E402
+from shared.privacy.ledger import INDEX_NAME  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def site_cache(tmp_path_factory) -> Path:
+    from deploy_harness import make_caches
+
+    return make_caches(tmp_path_factory.getbasetemp() / "deploy-caches", ("ptb", "ptbxl"), records=12)
+
+
+def _site_cfg(**over):
+    from shared.federation.run_config import load_run_config
+
+    return load_run_config({"model": "hierarchical", "preset": "tiny", "device": "cpu", "dp": True,
+                            "dp-batch-size": 4, "local-epochs": 1, **over})
+
+
+def _train_site(cache, state_dir, **over):
+    from shared.federation.site_training import new_model, train_site
+
+    cfg = _site_cfg(**over)
+    return train_site(cfg, cache, "ptb", 1, new_model(cfg).state_dict(), state_dir=state_dir)
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable(site_cache, tmp_path):
+    cache, other = site_cache["ptb"], site_cache["ptbxl"]
+    first = _train_site(cache, tmp_path)
+    second = _train_site(cache, tmp_path)
+    assert second.result.epsilon > first.result.epsilon > 0  # a new call (run, node) continues
+    ledger = Ledger.open(tmp_path, cache, "ptb", "record", "rdp")
+    assert sum(h[2] for h in ledger.history) == first.result.steps + second.result.steps
+    assert second.result.epsilon == pytest.approx(_eps(ledger.history, second.dp_report["delta"]), rel=1e-9)
+    saved = _files(tmp_path)
+
+    # a ledger written for another dataset, copied over this one's name
+    foreign_dir = tmp_path / "foreign"
+    _train_site(other, foreign_dir)
+    (foreign_file,) = foreign_dir.glob("privacy-ledger-*.json")
+    ledger.path.write_bytes(foreign_file.read_bytes())
+    with pytest.raises(LedgerError, match="another dataset") as info:
+        _train_site(cache, tmp_path)
+    assert str(ledger.path) in str(info.value)
+    # unreadable
+    ledger.path.write_text("{not json")
+    with pytest.raises(LedgerError, match="unreadable") as info:
+        _train_site(cache, tmp_path)
+    assert str(ledger.path) in str(info.value)
+    # missing, but the index says this dataset was trained on: refuse, do not restart at 0
+    ledger.path.unlink()
+    with pytest.raises(LedgerError, match="missing") as info:
+        _train_site(cache, tmp_path)
+    assert str(ledger.path) in str(info.value)
+    # nothing already written was lost or changed by the refusals
+    ledger.path.write_bytes(saved[ledger.path.name])
+    assert _files(tmp_path) == saved
+    # another unit on the same dataset is refused, naming both
+    with pytest.raises(LedgerError, match="'record'.*'patient'"):
+        _train_site(cache, tmp_path, **{"dp-unit": "patient"})
+
+
+def _eps(history, delta):
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return acc.get_epsilon(delta=delta)
+
+
+def test_bad_dp_input_is_refused_before_anything_is_trained_or_written(site_cache, tmp_path):
+    cache = site_cache["ptb"]
+    with pytest.raises(ValueError, match="noise_multiplier must be > 0, got 0"):
+        DPConfig(noise_multiplier=0)
+    with pytest.raises(Exception, match="dp-noise-multiplier = -1"):
+        _site_cfg(**{"dp-noise-multiplier": -1.0})
+    with pytest.raises(PrivacyRefused, match=r"delta = 0.5 is not below 1/N"):
+        _train_site(cache, tmp_path, **{"dp-delta": 0.5})
+    assert not tmp_path.exists() or not list(tmp_path.glob("privacy-*"))
+    # a state directory that cannot be written
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(LedgerError, match=f"state directory {blocked / 'state'} cannot be written"):
+        _train_site(cache, blocked / "state")
+    # a spent budget (site policy) is refused, naming the ledger; nothing is spent by the refusal
+    from shared.federation.site_training import new_model, train_site
+
+    done = _train_site(cache, tmp_path / "s")
+    saved = _files(tmp_path / "s")
+    cfg = _site_cfg()
+    policy = SitePolicy(max_epsilon=done.result.epsilon * 0.5)
+    with pytest.raises(PrivacyRefused, match="already spent") as info:
+        train_site(cfg, cache, "ptb", 2, new_model(cfg).state_dict(), state_dir=tmp_path / "s", policy=policy)
+    assert "privacy-ledger-" in str(info.value) and "dp-max-epsilon = " in str(info.value)
+    assert _files(tmp_path / "s") == saved
+
+
+def test_site_policy_parsing_names_the_bad_key():
+    from shared.federation.run_config import ConfigError
+    from shared.privacy.policy import parse_site_policies
+
+    assert parse_site_policies("mimic: dp-required=true dp-max-epsilon=8; ptb: dp-max-delta=1e-6") == {
+        "mimic": {"dp-required": "true", "dp-max-epsilon": "8"}, "ptb": {"dp-max-delta": "1e-6"}}
+    with pytest.raises(ConfigError, match="dp-max-epsilonn"):
+        parse_site_policies("mimic: dp-max-epsilonn=8")
+    with pytest.raises(ConfigError, match="dp-max-delta = 2"):
+        SitePolicy.from_mapping({"dp-max-delta": 2.0}, "node config")
+    with pytest.raises(ConfigError, match="dp-required = 'yes'"):
+        SitePolicy.from_mapping({"dp-required": "yes"}, "node config")
+
+
+def test_record_unit_is_one_random_window_per_record(site_cache):
+    """ptb's synthetic records hold several windows: the record unit has one item per record,
+    and each access draws one of that record's windows."""
+    import numpy as np
+
+    from shared.data.loader import WindowDataset
+
+    cache = site_cache["ptb"]
+    windows = WindowDataset(cache, "train", crop_samples=2500, train=True)
+    records = WindowDataset(cache, "train", crop_samples=2500, train=True, unit="record", seed=1)
+    n_records = len(np.unique(windows.item_record))
+    assert len(records) == n_records < len(windows)
+    seen = set()
+    for _ in range(30):
+        x, y, m = records.get_batch(list(range(len(records))))
+        assert x.shape[0] == n_records
+        seen.add(x[0].sum().item())
+    assert len(seen) > 1  # record 0's window (or crop) varies between accesses
+    patients = WindowDataset(cache, "train", crop_samples=2500, train=True, unit="patient")
+    assert len(patients) <= n_records
+    with pytest.raises(ValueError, match="unit 'record' is for training items"):
+        WindowDataset(cache, "test", unit="record")
