@@ -221,4 +221,4 @@ def test_coverage_table_counts_what_the_mask_leaves():
     cd = SUPER.index("CD")
     assert not ptb["available"][cd] and ptb["pos"][cd] == 0 and ptb["neg"][cd] == 0 and ptb["dropped"][cd] > 0
     assert ptb["pos"][0] + ptb["neg"][0] == ptb["records"] == 120
-    assert "| ptb | - | 120 |" in markdown(120).replace("| ptb | - | 120 | ", "| ptb | - | 120 |")
+    assert "| ptb | - | 120 | " in markdown(120)
