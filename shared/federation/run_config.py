@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "dp-delta": 0.0,
     "dp-epsilon-budget": 0.0,
     "dp-unit": "record",
-    "dp-batch-size": 256,
+    "dp-batch-size": 64,
     "dp-lr": 0.003,
     "dp-local-epochs": 0,
     "dp-max-physical-batch": 128,
