@@ -1,29 +1,29 @@
 #!/usr/bin/env bash
-# Create the key material for a fed-ecg federation (run once, on the coordinator's machine).
+# Create the coordinator's TLS material for a fed-ecg federation (run once, on the coordinator).
 #
-#   deploy/make-certs.sh [--out DIR] [--host NAME_OR_IP]... [--sites "ptb ptbxl mimic cinc"] [--days N]
+#   deploy/make-certs.sh [--out DIR] [--host NAME_OR_IP]... [--days N]
 #
 # Writes into DIR (default: deploy/certs):
-#   ca.crt, ca.key               private certificate authority (ca.key never leaves the coordinator)
+#   ca.crt, ca.key               private certificate authority (ca.key never leaves the coordinator;
+#                                 ca.crt goes to every site)
 #   superlink.crt, superlink.key TLS certificate of the SuperLink; SANs: localhost, 127.0.0.1, ::1,
 #                                 and every --host given (e.g. the coordinator's DNS name or IP)
-#   sites/<site>.key, .key.pub   one ECDSA P-384 key pair per site for SuperNode authentication
-#                                 (Flower rejects ed25519 for this). Each .key goes to its site only;
-#                                 the .pub files are registered with `flwr supernode register`.
+# Site keys are NOT made here: each site creates its own key pair on its own machine
+# (deploy/make-site-key.sh SITE) and sends only SITE.key.pub; the coordinator registers it with
+# `flwr supernode register SITE.key.pub <connection> --name SITE`. No private key travels.
 # Existing files are never overwritten: delete DIR (or the file) to rotate.
 set -euo pipefail
 
 out="$(dirname "$0")/certs"
 days=825
-sites="ptb ptbxl mimic cinc"
 hosts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --host) hosts+=("$2"); shift 2 ;;
-    --sites) sites="$2"; shift 2 ;;
+    --sites) echo "make-certs.sh: --sites is gone: each site makes its own key with deploy/make-site-key.sh SITE" >&2; exit 2 ;;
     --days) days="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "make-certs.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -32,7 +32,7 @@ for tool in openssl ssh-keygen; do
   command -v "$tool" >/dev/null || { echo "make-certs.sh: '$tool' not found on PATH" >&2; exit 1; }
 done
 
-mkdir -p "$out/sites"
+mkdir -p "$out"
 chmod 700 "$out"
 cd "$out"
 
@@ -68,18 +68,7 @@ EXT
   echo "created $out/superlink.crt (SANs: $san) and superlink.key"
 fi
 
-for site in $sites; do
-  if [[ ! "$site" =~ ^[a-z0-9_-]+$ ]]; then
-    echo "make-certs.sh: bad site name '$site'" >&2; exit 2
-  fi
-  if [[ ! -f "sites/$site.key" ]]; then
-    ssh-keygen -q -t ecdsa -b 384 -N "" -C "fed-ecg site $site" -f "sites/$site.key"
-    echo "created $out/sites/$site.key (give to site $site only) and $site.key.pub (register it)"
-  fi
-done
-
 echo
-echo "Register each site's public key with the SuperLink (from the coordinator, after it started):"
-for site in $sites; do
-  echo "  flwr supernode register $out/sites/$site.key.pub <connection>"
-done
+echo "Give ca.crt to every site. Each site runs deploy/make-site-key.sh <site> on its own machine"
+echo "and sends you <site>.key.pub (never the .key). Register each one under its site name:"
+echo "  flwr supernode register <site>.key.pub <connection> --name <site>"

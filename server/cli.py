@@ -179,6 +179,8 @@ def runtime_path() -> str:
 def run_superlink(command: list[str], args: argparse.Namespace) -> int:
     args.state_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PATH=runtime_path(), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    # Flower telemetry is off unless the operator sets FLWR_TELEMETRY_ENABLED=1 themselves.
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     mode = (
         "PLAIN TEXT, no node authentication (--insecure)"
         if args.insecure

@@ -23,7 +23,7 @@ from shared.processes import alive as pid_alive
 from shared.processes import descendants, free_port
 
 __all__ = ["REPO_ROOT", "VENV_BIN", "Federation", "Proc", "Processes", "descendants", "flwr",
-           "flwr_env", "free_port", "make_caches", "make_certs", "pid_alive", "run_log",
+           "flwr_env", "free_port", "installed_version_env", "make_caches", "make_certs", "pid_alive", "run_log",
            "run_status", "submit_run", "wait_port", "wait_run"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -205,8 +205,9 @@ def run_log(env: dict[str, str], connection: str, run_id: int) -> str:
 # ---------------------------------------------------------------- fixtures' building blocks
 
 
-def make_caches(base: Path, sites: tuple[str, ...], records: int = 16) -> dict[str, Path]:
-    """Small SYNTHETIC caches, one per site (built once per pytest session under ``base``)."""
+def make_caches(base: Path, sites: tuple[str, ...], records: int = 16, seed: int | None = None) -> dict[str, Path]:
+    """Small SYNTHETIC caches, one per site (built once per pytest session under ``base``);
+    seed 100, 101, ... in site order unless ``seed`` is given."""
     caches = {}
     for index, site in enumerate(sites):
         out = base / site
@@ -214,7 +215,7 @@ def make_caches(base: Path, sites: tuple[str, ...], records: int = 16) -> dict[s
             subprocess.run(
                 [sys.executable, "-m", "shared.data", "prepare", "--site", site, "--source",
                  "synthetic", "--out", str(out), "--records", str(records), "--seed",
-                 str(100 + index)],
+                 str(100 + index if seed is None else seed)],
                 cwd=REPO_ROOT, check=True, capture_output=True, timeout=300,
             )
         caches[site] = out
@@ -222,14 +223,27 @@ def make_caches(base: Path, sites: tuple[str, ...], records: int = 16) -> dict[s
 
 
 def make_certs(out: Path, sites: tuple[str, ...]) -> Path:
-    """Run deploy/make-certs.sh into ``out`` (once per session)."""
+    """The coordinator's deploy/make-certs.sh into ``out``, and each site's own key pair from
+    deploy/make-site-key.sh into ``out/sites`` (as if made at the site; once per session)."""
     if not (out / "superlink.crt").is_file():
-        subprocess.run(
-            ["bash", str(REPO_ROOT / "deploy" / "make-certs.sh"), "--out", str(out), "--sites",
-             " ".join(sites)],
-            check=True, capture_output=True, timeout=60,
-        )
+        subprocess.run(["bash", str(REPO_ROOT / "deploy" / "make-certs.sh"), "--out", str(out)],
+                       check=True, capture_output=True, timeout=60)
+    for site in sites:
+        if not (out / "sites" / f"{site}.key").is_file():
+            subprocess.run(["bash", str(REPO_ROOT / "deploy" / "make-site-key.sh"), site, "--out",
+                            str(out / "sites")], check=True, capture_output=True, timeout=60)
     return out
+
+
+def installed_version_env(base: Path, version: str) -> dict[str, str]:
+    """Environment entries that make ``fed-ecg`` look installed at ``version`` to every Python
+    process started with them (a distribution's metadata found first on ``PYTHONPATH``), as on a
+    site that installed another release: the code is this checkout's, the version it reports is
+    not."""
+    dist = base / f"fed_ecg-{version}.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fed-ecg\nVersion: {version}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(base), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 @dataclass
@@ -264,7 +278,7 @@ class Federation:
 
     def start_site(self, site: str, data: Path, *, tls: bool = True, key: Path | None = None,
                    ca: Path | None = None, extra: tuple[str, ...] = (),
-                   name: str | None = None) -> Proc:
+                   name: str | None = None, env: dict[str, str] | None = None) -> Proc:
         argv = [sys.executable, "-m", "client", "--site", site, "--superlink",
                 f"127.0.0.1:{self.port}", "--data", str(data), *extra]
         if tls:
@@ -273,21 +287,25 @@ class Federation:
             argv.append("--insecure")
         if key is not None:
             argv += ["--auth-key", str(key)]
-        return self.processes.start(name or f"site-{site}", argv)
+        return self.processes.start(name or f"site-{site}", argv,
+                                    env={**self.processes.env, **env} if env else None)
 
-    def register(self, public_key: Path) -> subprocess.CompletedProcess:
+    def register(self, public_key: Path, name: str | None = None) -> subprocess.CompletedProcess:
+        """`flwr supernode register KEY.pub CONNECTION [--name SITE]`: the node's site binding."""
         done = flwr(self.processes.env, "supernode", "register", str(public_key),
-                    self.connection, "--format", "json")
+                    self.connection, "--format", "json", *(["--name", name] if name else []))
         assert done.returncode == 0, done.stdout + done.stderr
         return done
 
-    def register_all(self, public_keys: list[Path]) -> None:
-        """Several `flwr supernode register` at once (each CLI call costs seconds of start-up)."""
+    def register_all(self, public_keys: list[Path], names: list[str] | None = None) -> None:
+        """Several `flwr supernode register` at once (each CLI call costs seconds of start-up);
+        ``names``: the site each key is registered under (``--name``)."""
+        names = names or [None] * len(public_keys)
         procs = [subprocess.Popen(
             [str(VENV_BIN / "flwr"), "supernode", "register", str(key), self.connection,
-             "--format", "json"],
+             "--format", "json", *(["--name", name] if name else [])],
             cwd=REPO_ROOT, env=self.processes.env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True) for key in public_keys]
+            stderr=subprocess.STDOUT, text=True) for key, name in zip(public_keys, names)]
         for key, proc in zip(public_keys, procs):
             out, _ = proc.communicate(timeout=120)
             assert proc.returncode == 0 and '"success": true' in out, f"{key}: {out}"

@@ -1,51 +1,59 @@
-"""Fault cases with real processes on 127.0.0.1 (plain-text SuperLink: these cases are about
-the federation, TLS is covered in test_deploy_security.py / test_deploy_federation.py).
+"""Fault cases with real processes on 127.0.0.1: one TLS SuperLink with SuperNode
+authentication (`python -m server`), each site's key registered under its site name, and run
+configs at their defaults (evaluation on, min-replies = a majority, server-eval = auto) apart
+from the size of the model and data and the rounds.
 
-One SuperLink and three sites are shared by the module: each case submits its own run.
-* a nonsensical run config is refused by the ServerApp before any node is sent a message;
-* a site that no node plays ends the run at the configured deadline with a clear error, before
-  any node trains;
-* a node killed mid-round: the round aggregates the survivors, and the run's log and
-  failures.csv say which site dropped and when;
-* the SuperLink killed mid-run and restarted on the same state: a resumed run continues from
-  the last checkpoint, completed rounds kept as they were.
+One deployment for every case (each deployment costs its start-up, and each kill ~30-60 s of
+Flower's heartbeat timeout):
+
+* run A, 3 rounds over ptbxl, mimic, cinc, while two more nodes try to join: a second key
+  registered as ``ptbxl`` (duplicate site: refused) and a node whose installed fed-ecg version
+  differs (refused, naming both versions). mimic's node is killed (SIGKILL) when round 1's
+  training message reaches it: round 1 aggregates the survivors once Flower reports the dead
+  node, the drop is reported (log, failures.csv, rounds.csv), and mimic, restarted with its key
+  (same node id), rejoins by round 3;
+* run B, min-replies = 3: mimic's node stops when round 1's training message reaches it; the
+  run ends with a clear error naming the round and the sites that replied, not a hang.
+
+Every process is stopped by the module fixture, also when a case fails.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
 from deploy_harness import (
     REPO_ROOT,
-    VENV_BIN,
     Federation,
     Processes,
     flwr_env,
+    installed_version_env,
     make_caches,
+    make_certs,
     run_log,
     submit_run,
-    wait_port,
     wait_run,
 )
 
 pytestmark = pytest.mark.slow
 
-SITES = ("ptb", "ptbxl", "mimic")
+SITES = ("ptbxl", "mimic", "cinc")
+# (site, seed) of each small SYNTHETIC cache: seeds whose validation split (where sites evaluate
+# each round) is not empty at 16 records
+CACHE_SEEDS = {"ptbxl": 1, "mimic": 102, "cinc": 103, "ptb": 100}
 APP = REPO_ROOT / "simulations" / "four_sites"
+OTHER_VERSION = "0.0.1"
 
 
-def run_config(out_dir, sites, rounds, extra=""):
-    """A tiny run; ``extra`` ('key=value ...') replaces any default key it names."""
+def run_config(out_dir, rounds, extra=""):
+    """Defaults, apart from a tiny model on tiny data, on the CPU, and the rounds."""
     values = {
         "num-server-rounds": str(rounds), "preset": '"tiny"', "model": '"hierarchical"',
-        "batch-size": "16", "server-eval": '"off"', "fraction-evaluate": "0.0",
-        "device": '"cpu"', "sites": f'"{",".join(sites)}"', "out-dir": f'"{out_dir}"',
+        "batch-size": "16", "device": '"cpu"', "sites": f'"{",".join(SITES)}"', "out-dir": f'"{out_dir}"',
     }
     for pair in extra.split():
         key, value = pair.split("=", 1)
@@ -58,133 +66,113 @@ def read_csv(path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def wait_file_row(path, match, timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file():
+            rows = [r for r in read_csv(path) if match(r)]
+            if rows:
+                return rows[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} in {path} after {timeout} s")
+
+
+def train_messages(run_id: int, count: int) -> str:
+    """A node log pattern: the ``count``-th training message of run ``run_id`` arrived."""
+    return r"[\s\S]*".join([rf"\[RUN {run_id}\][\s\S]*Receiving: train message"] * count)
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    caches = make_caches(base / "deploy-caches", SITES, records=12)
+    caches = {site: make_caches(base / f"fault-caches-{seed}", (site,), records=16, seed=seed)[site]
+              for site, seed in CACHE_SEEDS.items()}
+    certs = make_certs(base / "deploy-certs", ("ptb", "ptbxl", "mimic", "cinc", "ptbxl-second"))
     root = tmp_path_factory.mktemp("faults")
     processes = Processes(log_dir=root, env=flwr_env(root / "flwr-home"))
-    fed = Federation(processes, state_dir=root / "state", certs=None)
+    fed = Federation(processes, state_dir=root / "state", certs=certs)
+    key = {k: certs / "sites" / f"{k}.key" for k in ("ptb", "ptbxl", "mimic", "cinc", "ptbxl-second")}
     try:
-        fed.start_server(tls=False)
-        sites = {s: fed.start_site(s, caches[s], tls=False) for s in SITES}
-        fed.wait_online(len(SITES), timeout=120)
-        yield fed, sites, caches, root
+        fed.start_server(tls=True, node_auth=True)
+        # each public key under the site it may play; a second key for ptbxl; ptb is not in the runs
+        fed.register_all([key[k].with_suffix(".key.pub") for k in key], ["ptb", "ptbxl", "mimic", "cinc", "ptbxl"])
+        nodes = {s: fed.start_site(s, caches[s], key=key[s]) for s in SITES}
+        nodes["ptbxl-second"] = fed.start_site("ptbxl", caches["ptbxl"], key=key["ptbxl-second"],
+                                               name="site-ptbxl-second")
+        nodes["old-release"] = fed.start_site("ptb", caches["ptb"], key=key["ptb"], name="site-old-release",
+                                              env=installed_version_env(root / "old-release", OTHER_VERSION))
+        fed.wait_online(len(nodes), timeout=120)
+        yield fed, nodes, caches, key
     finally:
         processes.stop_all()
 
 
-def submit_many(env, connection, configs: dict[str, str]) -> dict[str, int]:
-    """Several `flwr run` at once (each CLI call costs seconds of start-up)."""
-    procs = {
-        name: subprocess.Popen(
-            [str(VENV_BIN / "flwr"), "run", str(APP), connection, "--format", "json",
-             "--run-config", cfg],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name, cfg in configs.items()
-    }
-    ids = {}
-    for name, proc in procs.items():
-        out, err = proc.communicate(timeout=180)
-        match = re.search(r'"run-id": "?(\d+)', out)
-        assert match, f"{name}: flwr run gave no run id:\n{out}\n{err}"
-        ids[name] = int(match.group(1))
-    return ids
-
-
-def test_bad_run_config_and_unmet_minimum_fail_before_any_node_trains(federation, tmp_path):
-    fed, sites, _, _ = federation
-    env = fed.processes.env
-    # one bad value through a real SuperLink (every other key's validation: test_client_app.py)
-    bad = {"negative lr": ("lr=-0.1", "lr")}
-    configs = {name: run_config(tmp_path / name.replace(" ", "-"), SITES, 1, override)
-               for name, (override, _) in bad.items()}
-    # four sites wanted, three connected: a 20 s deadline (each answer to the server's query is a
-    # fresh ClientApp process on the node)
-    configs["unmet minimum"] = run_config(tmp_path / "unmet", ("ptb", "ptbxl", "mimic", "cinc"), 1,
-                                          "node-wait-timeout=20.0")
-    ids = submit_many(env, fed.connection, configs)
-    for name, run_id in ids.items():
-        status = wait_run(env, fed.connection, run_id, timeout=240)
-        log = run_log(env, fed.connection, run_id)
-        assert status["status"] == "finished:failed", (name, status, log)
-        if name in bad:
-            key = bad[name][1]
-            assert f"run config: {key} = " in log and "is invalid" in log, (name, log)
-        else:
-            assert "after 20 s, no node plays site(s) ['cinc'] (3 node(s) connected" in log, log
-    # the bad config reached no node; the unmet run only asked the nodes which site they play
-    for site, proc in sites.items():
-        log = proc.log()
-        assert f"[RUN {ids['negative lr']}]" not in log, (site, log[-2000:])
-        after = log.split(f"[RUN {ids['unmet minimum']}]", 1)[-1]
-        assert not re.search(r"Receiving: (train|evaluate) message", after), (site, log[-2000:])
-
-
-def test_node_killed_mid_round_survivors_are_aggregated_and_the_drop_reported(federation, tmp_path):
-    fed, sites, _, _ = federation
+def test_a_node_killed_mid_round_is_reported_rejoins_and_intruders_are_refused(federation, tmp_path):
+    fed, nodes, caches, key = federation
     env = fed.processes.env
     out_dir = tmp_path / "run"
-    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, SITES, 2, "round-timeout=300.0"))
-    victim = sites["mimic"]
-    # round 2's train message reaches mimic: kill its node (SuperNode, SuperExec, ClientApp)
-    fed.processes.wait_for(victim, rf"\[RUN {run_id}\][\s\S]*Receiving: train message"
-                                   rf"[\s\S]*\[RUN {run_id}\][\s\S]*Receiving: train message",
-                           timeout=400)
+    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, 3))
+    # round 1's training message reaches mimic: kill its node (SuperNode, SuperExec, ClientApp)
+    fed.processes.wait_for(nodes["mimic"], train_messages(run_id, 1), timeout=300)
     killed_at = time.time()
-    fed.processes.kill(victim)
+    fed.processes.kill(nodes["mimic"])
+    # the SuperLink answers for the dead node once its heartbeats stop (<= 60 s): the guard files it
+    dropped = wait_file_row(out_dir / "failures.csv", lambda r: r["round"] == "1" and r["site"] == "mimic",
+                            timeout=150, what="round-1 failure of mimic")
+    restarted = fed.start_site("mimic", caches["mimic"], key=key["mimic"], name="site-mimic-restarted")
 
     status = wait_run(env, fed.connection, run_id, timeout=400)
     log = run_log(env, fed.connection, run_id)
     assert status["status"] == "finished:completed", (status, log)
     rows = read_csv(out_dir / "rounds.csv")
-    trained = {r["round"]: set() for r in rows}
-    for r in rows:
-        if r["metric"] == "num_examples":
-            trained[r["round"]].add(r["site"])
-    assert trained["1"] == set(SITES)
-    assert trained["2"] == {"ptb", "ptbxl"}, rows
-    failures = read_csv(out_dir / "failures.csv")
-    assert [(f["round"], f["site"]) for f in failures] == [("2", "mimic")], failures
-    stamp = time.mktime(time.strptime(failures[0]["time_utc"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-    assert stamp >= killed_at - 1
-    assert re.search(r"round 2: site mimic \(node \d+\) left out of the aggregate", log), log
+
+    def sites_with(rnd: int, metric: str) -> set[str]:
+        return {r["site"] for r in rows if r["round"] == str(rnd) and r["metric"] == metric}
+
+    # survivors aggregated in round 1; mimic back by round 3 (trained and evaluated)
+    assert sites_with(1, "num_examples") == {"ptbxl", "cinc"} and sites_with(3, "num_examples") == set(SITES), rows
+    assert sites_with(1, "missed_round") == {"mimic"} and not sites_with(3, "missed_round"), rows
+    missed = sorted(int(r["round"]) for r in rows if r["metric"] == "missed_round")
+    assert missed in ([1], [1, 2]), rows  # round 2 too if the restarted node was not back in time
+    assert sites_with(3, "auroc_macro") >= set(SITES), rows
+    # when and why it dropped
+    stamp = time.mktime(time.strptime(dropped["time_utc"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    assert stamp >= killed_at - 1, (dropped, killed_at)
+    assert dropped["reason"].startswith("error reply"), dropped
+    assert {(int(f["round"]), f["site"]) for f in read_csv(out_dir / "failures.csv")} == {(r, "mimic") for r in missed}
+    assert re.search(r"round 1: site mimic \(node \d+\) left out of the aggregate", log), log
+    assert f"site mimic missed round(s) {missed}" in log, log
+    assert "Receiving: train message" in restarted.log().split(f"[RUN {run_id}]", 1)[-1]
+    # the second ptbxl key: refused (one node plays the site), never sent a training message
+    assert re.search(r"node \d+ also claims site 'ptbxl' \(node \d+ plays it\): it is left out", log), log
+    playing = [n for n in ("ptbxl", "ptbxl-second") if "Receiving: train message" in nodes[n].log()]
+    assert len(playing) == 1, playing
+    # the node with another installed version refused the server's question, naming both versions
+    assert (f"refused: version mismatch: the coordinator runs fed-ecg 0.1.0, this site runs fed-ecg "
+            f"{OTHER_VERSION}") in log, log
+    assert "Receiving: train message" not in nodes["old-release"].log()
+    # deployment default: the coordinator holds no site data, so no pooled evaluation
+    assert "pooled-test AUROC off" in log and "pooled" not in {r["site"] for r in rows}
     from shared.training import load_checkpoint
 
-    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 2
+    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 3
 
 
-def test_superlink_killed_mid_run_resumes_from_last_checkpoint(federation, tmp_path):
-    fed, sites, _, _ = federation
+def test_minimum_never_reached_after_a_drop_ends_the_run_with_a_clear_error(federation, tmp_path):
+    fed, nodes, caches, key = federation
     env = fed.processes.env
-    survivors = ("ptb", "ptbxl")
+    mimic = next(p for p in reversed(fed.processes.procs) if p.name.startswith("site-mimic") and p.alive())
     out_dir = tmp_path / "run"
-    cfg = run_config(out_dir, survivors, 2, "round-timeout=300.0")
-    run_id = submit_run(env, APP, fed.connection, cfg)
-    rounds_csv = out_dir / "rounds.csv"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        if rounds_csv.is_file() and any(r["round"] == "1" for r in read_csv(rounds_csv)):
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("round 1 never completed:\n" + fed.server.log()[-3000:])
-    round1 = [r for r in read_csv(rounds_csv) if r["round"] == "1"]
-    fed.processes.kill(fed.server)  # SuperLink, its SuperExec and the ServerApp: a crash
-
-    from shared.training import load_checkpoint
-
-    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 1  # killed during round 2
-    fed.start_server(tls=False)  # same port, same state directory
-    wait_port(fed.port)
-    fed.wait_online(len(survivors), timeout=120)
-    resumed = submit_run(env, APP, fed.connection, cfg + " resume=true")
-    status = wait_run(env, fed.connection, resumed, timeout=400)
-    log = run_log(env, fed.connection, resumed)
-    assert status["status"] == "finished:completed", (status, log)
-    assert re.search(r"resuming .* after round 1 of 2", log), log
-    after = read_csv(rounds_csv)
-    assert [r for r in after if r["round"] == "1"] == round1  # completed round kept as it was
-    assert {r["site"] for r in after if r["round"] == "2" and r["metric"] == "num_examples"} == set(survivors)
-    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 2
-    assert run_id != resumed
+    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, 3, "min-replies=3"))
+    fed.processes.wait_for(mimic, train_messages(run_id, 1), timeout=300)
+    fed.processes.stop(mimic)  # the site shuts its node down mid-round
+    stopped = time.monotonic()
+    status = wait_run(env, fed.connection, run_id, timeout=240)
+    waited = time.monotonic() - stopped
+    log = run_log(env, fed.connection, run_id)
+    assert status["status"] == "finished:failed", (status, log)
+    assert re.search(r"round 1: 2 valid training replies \(from cinc, ptbxl\), the round needs "
+                     r"min-replies = 3; left out: mimic: ", log), log
+    assert "The run ends here" in log
+    assert waited < 120, waited  # Flower's heartbeat timeout at most, not a hang
+    assert [r["site"] for r in read_csv(out_dir / "failures.csv")] == ["mimic"]

@@ -57,7 +57,7 @@ def test_four_registered_sites_complete_a_round_over_tls(material, tmp_path):
     fed = Federation(processes, state_dir=tmp_path / "state", certs=certs)
     try:
         fed.start_server(tls=True, node_auth=True)
-        fed.register_all([certs / "sites" / f"{site}.key.pub" for site in SITES])
+        fed.register_all([certs / "sites" / f"{site}.key.pub" for site in SITES], list(SITES))
         sites = {s: fed.start_site(s, caches[s], key=certs / "sites" / f"{s}.key") for s in SITES}
         fed.wait_online(4, timeout=90)
 
