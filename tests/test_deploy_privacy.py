@@ -113,3 +113,69 @@ def test_recording_grid_would_catch_a_leak(tmp_path_factory, tmp_path):
     cfg = load_run_config({"model": "hierarchical", "preset": "tiny"})
     shapes = {k: tuple(v.shape) for k, v in new_model(cfg).state_dict().items()}
     assert {k: tuple(a.shape) for k, a in leaky.array_records["arrays"].items()} != shapes
+
+
+# ------------------------------------------------------------------ real processes: the site's ledger
+def _epsilon(rounds_csv, rnd: int, site: str) -> float:
+    with open(rounds_csv, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["round"] == str(rnd) and r["site"] == site]
+    metrics = {r["metric"]: float(r["value"]) for r in rows}
+    assert "train_loss" not in metrics, metrics  # no unnoised loss left the DP site
+    assert metrics.get("dp_units_record", 0) > 0 and metrics.get("dp_sample_rate", 0) > 0, metrics
+    return metrics["epsilon"]
+
+
+@pytest.mark.slow
+def test_epsilon_continues_across_resume_and_node_restart_and_the_site_policy_refuses(tmp_path_factory, tmp_path):
+    """One deployment (`python -m server`, `python -m client --state-dir`), three runs: round 1;
+    the site's node restarted, the run resumed for round 2 (epsilon continues from the site's
+    ledger); the node restarted with a lifetime limit below what is spent: the next run is refused."""
+    from deploy_harness import REPO_ROOT, Federation, Processes, flwr_env, run_log, submit_run, wait_run
+
+    caches = make_caches(tmp_path_factory.getbasetemp() / "deploy-caches", SITES, records=12)
+    app = REPO_ROOT / "simulations" / "four_sites"
+    state = tmp_path / "ptb-state"
+    processes = Processes(log_dir=tmp_path, env=flwr_env(tmp_path / "flwr-home"))
+    fed = Federation(processes, state_dir=tmp_path / "superlink", certs=None)
+    out = tmp_path / "run"
+
+    def run(rounds: int, *, resume: bool, out_dir=out) -> tuple[dict, str]:
+        config = (f'num-server-rounds={rounds} preset="tiny" model="hierarchical" sites="ptb" dp=true '
+                  f'dp-batch-size=4 local-epochs=1 server-eval="off" node-wait-timeout=60.0 '
+                  f'round-timeout=120.0 device="cpu" out-dir="{out_dir}" resume={str(resume).lower()}')
+        run_id = submit_run(processes.env, app, fed.connection, config)
+        status = wait_run(processes.env, fed.connection, run_id, timeout=300)
+        return status, run_log(processes.env, fed.connection, run_id)
+
+    try:
+        fed.start_server(tls=False)
+        node = fed.start_site("ptb", caches["ptb"], tls=False, extra=("--state-dir", str(state)))
+        fed.wait_online(1, timeout=90)
+        status, log = run(1, resume=False)
+        assert status["status"] == "finished:completed", (status, log)
+        eps1 = _epsilon(out / "rounds.csv", 1, "ptb")
+
+        processes.stop(node)  # the hospital restarts its node: its ledger is on its disk
+        node = fed.start_site("ptb", caches["ptb"], tls=False, extra=("--state-dir", str(state)),
+                              name="site-ptb-restarted")
+        fed.wait_online(1, timeout=90)
+        status, log = run(2, resume=True)
+        assert status["status"] == "finished:completed", (status, log)
+        eps2 = _epsilon(out / "rounds.csv", 2, "ptb")
+        assert eps2 > eps1 > 0
+        (ledger,) = state.glob("privacy-ledger-*.json")
+        import json
+
+        assert [r["round"] for r in json.loads(ledger.read_text())["rounds"]] == [1, 2]
+
+        processes.stop(node)
+        fed.start_site("ptb", caches["ptb"], tls=False, name="site-ptb-policy",
+                       extra=("--state-dir", str(state), "--dp-max-epsilon", f"{eps2 * 0.9:.6f}"))
+        fed.wait_online(1, timeout=90)
+        before = ledger.read_bytes()
+        status, log = run(1, resume=False, out_dir=tmp_path / "refused-run")
+        assert status["status"] != "finished:completed", log
+        assert "refused: the dataset's privacy budget is already spent" in log, log
+        assert ledger.read_bytes() == before
+    finally:
+        processes.stop_all()
