@@ -267,3 +267,26 @@ def test_sites_out_of_epsilon_budget_send_no_update_and_the_run_goes_on(tmp_path
     initial = new_model(load_run_config(run)).state_dict()
     final = load_checkpoint(tmp_path / "dp" / "checkpoint.pt")["state_dict"]
     assert all(torch.equal(initial[k], final[k]) for k in initial)  # nothing was aggregated
+
+
+def test_client_command_passes_state_dir_and_policy_and_refuses_an_unwritable_state_dir(tmp_path):
+    import client.cli as client_cli
+
+    data = tmp_path / "cache"
+    parser = client_cli.build_parser()
+    args = parser.parse_args(["--site", "ptb", "--data", str(data), "--state-dir", str(tmp_path / "state"),
+                              "--dp-required", "--dp-max-epsilon", "8", "--dp-max-delta", "1e-6"])
+    client_cli.check_state_dir(args)
+    assert (tmp_path / "state").is_dir()
+    config = client_cli.node_config("ptb", data, args)
+    assert config == (f"site='ptb' data='{data}' state-dir='{tmp_path / 'state'}' dp-required=true "
+                      "dp-max-epsilon=8.0 dp-max-delta=1e-06")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    args = parser.parse_args(["--site", "ptb", "--data", str(data), "--state-dir", str(blocked / "state")])
+    with pytest.raises(client_cli.UsageError, match=f"--state-dir {blocked / 'state'} cannot be written"):
+        client_cli.check_state_dir(args)
+    args = parser.parse_args(["--site", "ptb", "--data", str(data), "--state-dir", str(tmp_path / "s2"),
+                              "--dp-max-epsilon", "0"])
+    with pytest.raises(client_cli.UsageError, match="--dp-max-epsilon 0 must be > 0"):
+        client_cli.check_state_dir(args)
