@@ -212,7 +212,8 @@ class Report:
         unit = "patients" if self.patient_level else "records (the predictions carry no patient ids)"
         seeds = sorted({s for m in self.methods for s in self.seeds(m)})
         return (f"Intervals: {self.n_boot}-replicate percentile bootstrap 95 % intervals resampling test {unit} "
-                f"with replacement within each site, the same draws for every method and seed (paired); "
+                f"with replacement within each site (a record without a patient id counts as its own patient), "
+                f"the same draws for every method and seed (paired); "
                 f"values and replicates are the mean over the seeds ({', '.join(map(str, seeds))}).")
 
     def metric_table(self, metric: str) -> list[str]:
