@@ -15,7 +15,9 @@ far below, other processes were sharing them and the wall-clock figures are pess
     python bench/models/bench_models.py --model hierarchical --presets tiny base paper
     python bench/models/bench_models.py --model hierarchical --presets paper --set attention=differential
     python bench/models/bench_models.py --presets paper --math-attention   # unfused attention
-    python bench/models/bench_models.py --device cuda --bf16 ...   # on a GPU: bf16 autocast
+    python bench/models/bench_models.py --model cardioformer --presets paper --threads 1 --profile
+        # also: the operators taking the most CPU time in one training step (torch.profiler)
+    python bench/models/bench_models.py --device cuda --bf16 ...   # on a GPU (bench/models/gpu.py: full GPU table)
 
 Prints one JSON line per configuration, then a Markdown table for docs/performance.md.
 """
@@ -112,6 +114,15 @@ def run_child(spec: dict) -> dict:
         opt.step()
 
     t_train, cpu_train = timed(train)
+    top_ops = None
+    if spec.get("profile"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        top_ops = {e.key: round(100 * e.self_cpu_time_total / total, 1) for e in events[:8]}
     out = {
         "model": spec["model"], "preset": spec["preset"], "overrides": spec["overrides"], "params": params,
         "input": [n_leads, samples], "batch": spec["batch"], "steps": spec["steps"],
@@ -124,6 +135,8 @@ def run_child(spec: dict) -> dict:
         "peak_rss_gib_infer": rss_infer,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
     }
+    if top_ops is not None:
+        out["train_step_self_cpu_percent"] = top_ops
     if device.startswith("cuda"):
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 1024**3
     return out
@@ -141,6 +154,8 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--math-attention", action="store_true",
                     help="force the unfused (math) attention kernel, for a same-run comparison with the fused one")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one training step and print the operators taking the most CPU time")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -161,7 +176,7 @@ def main() -> int:
     for preset in args.presets:
         spec = {"model": args.model, "preset": preset, "overrides": overrides, "batch": args.batch, "steps": args.steps,
                 "threads": args.threads, "device": args.device, "bf16": args.bf16,
-                "math_attention": args.math_attention}
+                "math_attention": args.math_attention, "profile": args.profile}
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{args.model}/{preset} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
