@@ -135,7 +135,8 @@ class SiteTracking:
                       f"min-replies = {self.min_replies})", flush=True)
                 announced = True
             time.sleep(poll)
-            self.assignment.refresh(grid, ask_again_after=0.0)  # a node that just came back is asked now
+            # a node that just came back is asked now; a silent one never holds the wait past the deadline
+            self.assignment.refresh(grid, timeout=max(1.0, deadline - time.monotonic()), ask_again_after=0.0)
         return self.assignment.served
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

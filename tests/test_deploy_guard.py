@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 
 from flower_shim import make_message, server_task_identity
-from server.guard import FAILURE_COLUMNS, ReplyGuard, check_arrays
+from server.guard import FAILURE_COLUMNS, ReplyGuard, RoundFailed, check_arrays
 
 NODES = {11: "ptb", 12: "ptbxl", 13: "mimic", 14: "cinc", 15: "ptb"}
 
@@ -140,3 +140,15 @@ def test_bad_num_examples_is_excluded(weight):
                                   "config": ConfigRecord({"num-examples": weight})})
         assert guard.screen(1, [Message(content, reply_to=out[0])]) == []
     assert len(guard.exclusions) == 1
+
+
+def test_a_round_short_of_min_replies_ends_the_run_naming_round_and_sites():
+    """The one short-round policy (server.guard.ReplyGuard.require, used before aggregation and
+    at the round's end): fewer than min-replies valid replies end the run with RoundFailed."""
+    guard = ReplyGuard()
+    guard.unserved(3, "mimic")
+    guard.require(3, ["ptb", "ptbxl"], min_replies=2)  # enough: nothing happens
+    with pytest.raises(RoundFailed, match=r"round 3: 1 valid training reply \(from ptb\), the round needs "
+                                          r"min-replies = 2; left out: mimic: no node plays this site .*"
+                                          r"checkpoint.pt holds the model of round 2"):
+        guard.require(3, ["ptb"], min_replies=2)

@@ -34,6 +34,12 @@ def certs(tmp_path_factory) -> Path:
                            "coordinator.example.org", "--host", "10.1.2.3"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert not (out / "sites").exists(), "make-certs.sh must not make site keys"
+    for site in SITES:  # what each site makes on its own machine
+        done = subprocess.run(["bash", str(DEPLOY / "make-site-key.sh"), site, "--out", str(out / "sites")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert f"--name {site}" in done.stdout
     return out
 
 
@@ -56,7 +62,7 @@ def openssl(*args: str) -> str:
 # ---------------------------------------------------------------- make-certs.sh
 
 
-def test_make_certs_creates_ca_superlink_cert_and_p384_site_keys(certs):
+def test_make_certs_creates_ca_and_superlink_cert_and_sites_their_own_p384_keys(certs):
     for name in ("ca.crt", "ca.key", "superlink.crt", "superlink.key"):
         assert (certs / name).is_file(), name
     assert oct((certs / "ca.key").stat().st_mode)[-3:] == "600"
@@ -79,6 +85,9 @@ def test_make_certs_creates_ca_superlink_cert_and_p384_site_keys(certs):
 def test_make_certs_never_overwrites(certs):
     before = {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()}
     done = subprocess.run(["bash", str(DEPLOY / "make-certs.sh"), "--out", str(certs)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run(["bash", str(DEPLOY / "make-site-key.sh"), "ptb", "--out", str(certs / "sites")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert {p: p.read_bytes() for p in certs.rglob("*") if p.is_file()} == before
@@ -142,7 +151,10 @@ def check_command(words: list[str], certs: Path) -> None:
     elif words[:2] == ["bash", "deploy/make-certs.sh"]:
         assert (REPO_ROOT / "deploy" / "make-certs.sh").is_file()
         flags = {w for w in words if w.startswith("--")}
-        assert flags <= {"--out", "--host", "--sites", "--days"}, words
+        assert flags <= {"--out", "--host", "--days"}, words
+    elif words[:2] == ["bash", "deploy/make-site-key.sh"]:
+        assert (REPO_ROOT / "deploy" / "make-site-key.sh").is_file()
+        assert {w for w in words if w.startswith("--")} <= {"--out"}, words
     else:
         raise AssertionError(f"unchecked command in a compose file: {words}")
 
@@ -183,6 +195,10 @@ def test_compose_mounts_point_at_files_the_recipe_creates(name, certs):
                 for site in SITES:
                     path = certs / relative.replace("${SITE}", site)
                     assert path.is_file(), f"{name}: {source} is not created by make-certs.sh"
+            elif source.startswith("./keys/"):  # the site's own key, made at the site
+                for site in SITES:
+                    path = certs / "sites" / source[len("./keys/"):].replace("${SITE}", site)
+                    assert path.is_file(), f"{name}: {source} is not created by make-site-key.sh"
             elif source.startswith("${"):
                 assert source == "${DATA_DIR:?set DATA_DIR}", source
                 assert mount.endswith(":ro"), f"{name}: site data must be mounted read-only"

@@ -92,3 +92,29 @@ def test_tls_superlink_refuses_nodes_it_must_not_admit(tls_federation, tmp_path)
     assert "firewall" in logs["unreachable"]
     # the SuperLink kept only the registered, admitted site
     assert fed.online_nodes() == 1
+
+
+def test_secagg_plus_is_still_legacy_only_in_the_installed_flower():
+    """docs/architecture.md ("Secure aggregation"): flwr 1.42 offers SecAgg+ only on its legacy
+    path (``SecAggPlusWorkflow`` needs a ``LegacyContext``; ``secaggplus_mod`` wraps a legacy
+    client). This fails when Flower's Message API (``flwr.serverapp``, ``flwr.clientapp``,
+    ``flwr.app``) exposes anything named SecAgg, so the project's choice gets revisited."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import flwr
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    found = []
+    for root in ("flwr.serverapp", "flwr.clientapp", "flwr.app"):
+        package = importlib.import_module(root)
+        modules = [package] + [importlib.import_module(m.name) for m in
+                               pkgutil.walk_packages(package.__path__, root + ".")]
+        for module in modules:
+            if "secagg" in module.__name__.lower():
+                found.append(module.__name__)
+            found += [f"{module.__name__}.{name}" for name in dir(module) if "secagg" in name.lower()]
+    assert not found, (f"flwr {flwr.__version__} exposes SecAgg on the Message API: {sorted(set(found))}; "
+                       "revisit docs/architecture.md 'Secure aggregation' and deploy/README.md")
+    assert "LegacyContext" in inspect.getsource(SecAggPlusWorkflow.__call__)

@@ -229,3 +229,31 @@ def test_a_site_whose_node_left_is_recorded_per_round_and_rejoins_with_a_new_nod
     with open(tmp_path / "run" / "failures.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["round"], r["site"], r["reason"]) for r in rows] == [("2", "ptb", "no node plays this site")]
+
+
+def test_a_round_waits_for_its_floor_of_sites_until_the_deadline_then_ends_the_run():
+    """Flower's sample_nodes would wait forever for min_available_nodes; the strategy samples
+    among the sites that have a node and waits at most node-wait-timeout for min-replies of them."""
+    import time
+
+    from server.guard import RoundFailed
+    from server.strategies import build_strategy
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    cfg = load_run_config({**BASE, "sites": "ptb,ptbxl,mimic", "node-wait-timeout": 1.0})
+    strategy = build_strategy(cfg)
+    assert strategy.min_replies == 2  # default: a majority of the three sites
+    strategy.assignment = SiteAssignment(cfg.site_list, echo=lambda line: None)
+    grid = QueryGrid({900: "ptb"}, names={900: "ptb"})
+    started = time.monotonic()
+    with server_task_identity(), pytest.raises(RoundFailed, match=(
+            r"round 4: after 1 s \(node-wait-timeout\) only \['ptb'\] of \['ptb', 'ptbxl', 'mimic'\] have a node, "
+            r"the round needs min-replies = 2; no node for \['ptbxl', 'mimic'\]")):
+        strategy.configure_evaluate(4, ArrayRecord(), ConfigRecord(), grid)
+    assert time.monotonic() - started < 10
+    grid.answers[901], grid.names[901] = "mimic", "mimic"
+    grid.nodes = [900, 901]
+    with server_task_identity():
+        sent = list(strategy.configure_train(4, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.content["config"]["site"] for m in sent) == ["mimic", "ptb"]
+    assert all(m.content["config"]["fed-ecg-version"] for m in sent)  # the version handshake travels
