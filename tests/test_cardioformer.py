@@ -383,3 +383,15 @@ def test_linear_attention_weights_match_the_fused_kernel():
     explicit, weights = att(x, need_weights=True)
     torch.testing.assert_close(fused, explicit)
     assert weights.shape == (2, 7, 7)
+
+
+def test_a_training_step_after_an_inference_mode_forward_works():
+    """The removed fused path's buffer pool handed an inference tensor to the next training
+    step (``RuntimeError: Inplace update to inference tensor outside InferenceMode``)."""
+    model = tiny(seed=6)
+    x, y = torch.randn(3, 12, 250), torch.randint(0, 2, (3, 5)).float()
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()
+    F.binary_cross_entropy_with_logits(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
