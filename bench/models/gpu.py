@@ -144,7 +144,6 @@ def main() -> int:
     if device.type not in ("cuda", "cpu"):
         print(f"error: --device must be cuda, cuda:N or cpu, got {args.device!r}", file=sys.stderr)
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = True
     peak = matmul_tflops(device, args.matmul_size)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(json.dumps({"device": name, "torch": torch.__version__, "bf16_matmul_tflop_s": peak,
