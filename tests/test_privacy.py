@@ -148,7 +148,7 @@ def _site_cfg(**over):
     from shared.federation.run_config import load_run_config
 
     return load_run_config({"model": "hierarchical", "preset": "tiny", "device": "cpu", "dp": True,
-                            "dp-batch-size": 4, "local-epochs": 1, **over})
+                            "dp-batch-size": 16, "local-epochs": 1, **over})  # one step per call
 
 
 def _train_site(cache, state_dir, **over):
@@ -172,11 +172,12 @@ def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable
     assert second.result.epsilon == pytest.approx(_eps(ledger.history, second.dp_report["delta"]), rel=1e-9)
     saved = _files(tmp_path)
 
-    # a ledger written for another dataset, copied over this one's name
-    foreign_dir = tmp_path / "foreign"
-    _train_site(other, foreign_dir)
-    (foreign_file,) = foreign_dir.glob("privacy-ledger-*.json")
-    ledger.path.write_bytes(foreign_file.read_bytes())
+    # a ledger of another dataset, copied over this one's name
+    from shared.privacy import dataset_fingerprint
+
+    foreign = json.loads(saved[ledger.path.name])
+    foreign["dataset_fingerprint"] = dataset_fingerprint(other)
+    ledger.path.write_text(json.dumps(foreign))
     with pytest.raises(LedgerError, match="another dataset") as info:
         _train_site(cache, tmp_path)
     assert str(ledger.path) in str(info.value)
