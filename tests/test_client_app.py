@@ -290,3 +290,18 @@ def test_client_command_passes_state_dir_and_policy_and_refuses_an_unwritable_st
                               "--dp-max-epsilon", "0"])
     with pytest.raises(client_cli.UsageError, match="--dp-max-epsilon 0 must be > 0"):
         client_cli.check_state_dir(args)
+
+
+def test_a_deployed_site_takes_its_policy_and_state_dir_from_its_own_node_config(tmp_path):
+    """The coordinator's run config cannot set a deployed site's policy; DP needs the site's state dir."""
+    plain = {**BASE, "site-policy": ""}
+    node = {"site": "cinc", "state-dir": str(tmp_path / "state"), "dp-required": True}
+    reply, _ = _train(plain, context=make_context(node, plain))
+    assert reply.has_error() and "dp-required = true" in reply.error.reason
+    # a run-config site-policy does not loosen (or set) a deployed site's policy
+    reply, _ = _train({**plain, "site-policy": "cinc: dp-required=false"},
+                      context=make_context(node, {**plain, "site-policy": "cinc: dp-required=false"}))
+    assert reply.has_error() and "dp-required = true" in reply.error.reason
+    dp = {**BASE, "dp": True}
+    reply, _ = _train(dp, context=make_context({"site": "cinc"}, dp))
+    assert reply.has_error() and "--state-dir" in reply.error.reason
