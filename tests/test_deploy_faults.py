@@ -12,8 +12,10 @@ Flower's heartbeat timeout):
   training message reaches it: round 1 aggregates the survivors once Flower reports the dead
   node, the drop is reported (log, failures.csv, rounds.csv), and mimic, restarted with its key
   (same node id), rejoins by round 3;
-* run B, min-replies = 3: mimic's node stops when round 1's training message reaches it; the
-  run ends with a clear error naming the round and the sites that replied, not a hang.
+* run B, submitted right after mimic's node is killed again, needs all three sites
+  (min-replies = 3; min-nodes = 2 and node-wait-timeout = 30 s so that it starts): round 1 waits
+  30 s for a node for mimic, then the run ends with a clear error naming the round and the sites
+  that have a node, not a hang.
 
 Every process is stopped by the module fixture, also when a case fails.
 """
@@ -107,24 +109,26 @@ def federation(tmp_path_factory):
         processes.stop_all()
 
 
-def test_a_node_killed_mid_round_is_reported_rejoins_and_intruders_are_refused(federation, tmp_path):
+def test_drop_rejoin_refusals_and_an_unreachable_minimum_in_one_deployment(federation, tmp_path):
     fed, nodes, caches, key = federation
     env = fed.processes.env
-    out_dir = tmp_path / "run"
-    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, 3))
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    run_a = submit_run(env, APP, fed.connection, run_config(out_a, 3))
     # round 1's training message reaches mimic: kill its node (SuperNode, SuperExec, ClientApp)
-    fed.processes.wait_for(nodes["mimic"], train_messages(run_id, 1), timeout=300)
+    fed.processes.wait_for(nodes["mimic"], train_messages(run_a, 1), timeout=300)
     killed_at = time.time()
     fed.processes.kill(nodes["mimic"])
-    # the SuperLink answers for the dead node once its heartbeats stop (<= 60 s): the guard files it
-    dropped = wait_file_row(out_dir / "failures.csv", lambda r: r["round"] == "1" and r["site"] == "mimic",
+
+    # run A: the SuperLink answers for the dead node once its heartbeats stop (<= 60 s): the guard
+    # files it, the round aggregates the survivors; then the site restarts its node (same key)
+    dropped = wait_file_row(out_a / "failures.csv", lambda r: r["round"] == "1" and r["site"] == "mimic",
                             timeout=150, what="round-1 failure of mimic")
     restarted = fed.start_site("mimic", caches["mimic"], key=key["mimic"], name="site-mimic-restarted")
-
-    status = wait_run(env, fed.connection, run_id, timeout=400)
-    log = run_log(env, fed.connection, run_id)
+    status = wait_run(env, fed.connection, run_a, timeout=400)
+    log = run_log(env, fed.connection, run_a)
+    (tmp_path / "run-a.log").write_text(log)
     assert status["status"] == "finished:completed", (status, log)
-    rows = read_csv(out_dir / "rounds.csv")
+    rows = read_csv(out_a / "rounds.csv")
 
     def sites_with(rnd: int, metric: str) -> set[str]:
         return {r["site"] for r in rows if r["round"] == str(rnd) and r["metric"] == metric}
@@ -139,10 +143,10 @@ def test_a_node_killed_mid_round_is_reported_rejoins_and_intruders_are_refused(f
     stamp = time.mktime(time.strptime(dropped["time_utc"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
     assert stamp >= killed_at - 1, (dropped, killed_at)
     assert dropped["reason"].startswith("error reply"), dropped
-    assert {(int(f["round"]), f["site"]) for f in read_csv(out_dir / "failures.csv")} == {(r, "mimic") for r in missed}
+    assert {(int(f["round"]), f["site"]) for f in read_csv(out_a / "failures.csv")} == {(r, "mimic") for r in missed}
     assert re.search(r"round 1: site mimic \(node \d+\) left out of the aggregate", log), log
     assert f"site mimic missed round(s) {missed}" in log, log
-    assert "Receiving: train message" in restarted.log().split(f"[RUN {run_id}]", 1)[-1]
+    assert "Receiving: train message" in restarted.log().split(f"[RUN {run_a}]", 1)[-1]
     # the second ptbxl key: refused (one node plays the site), never sent a training message
     assert re.search(r"node \d+ also claims site 'ptbxl' \(node \d+ plays it\): it is left out", log), log
     playing = [n for n in ("ptbxl", "ptbxl-second") if "Receiving: train message" in nodes[n].log()]
@@ -155,24 +159,22 @@ def test_a_node_killed_mid_round_is_reported_rejoins_and_intruders_are_refused(f
     assert "pooled-test AUROC off" in log and "pooled" not in {r["site"] for r in rows}
     from shared.training import load_checkpoint
 
-    assert load_checkpoint(out_dir / "checkpoint.pt")["round"] == 3
+    assert load_checkpoint(out_a / "checkpoint.pt")["round"] == 3
 
-
-def test_minimum_never_reached_after_a_drop_ends_the_run_with_a_clear_error(federation, tmp_path):
-    fed, nodes, caches, key = federation
-    env = fed.processes.env
-    mimic = next(p for p in reversed(fed.processes.procs) if p.name.startswith("site-mimic") and p.alive())
-    out_dir = tmp_path / "run"
-    run_id = submit_run(env, APP, fed.connection, run_config(out_dir, 3, "min-replies=3"))
-    fed.processes.wait_for(mimic, train_messages(run_id, 1), timeout=300)
-    fed.processes.stop(mimic)  # the site shuts its node down mid-round
-    stopped = time.monotonic()
-    status = wait_run(env, fed.connection, run_id, timeout=240)
-    waited = time.monotonic() - stopped
-    log = run_log(env, fed.connection, run_id)
-    assert status["status"] == "finished:failed", (status, log)
-    assert re.search(r"round 1: 2 valid training replies \(from cinc, ptbxl\), the round needs "
-                     r"min-replies = 3; left out: mimic: ", log), log
-    assert "The run ends here" in log
-    assert waited < 120, waited  # Flower's heartbeat timeout at most, not a hang
-    assert [r["site"] for r in read_csv(out_dir / "failures.csv")] == ["mimic"]
+    # run B, mimic's node killed again just before: needing all three sites, it must end at its
+    # deadline with a clear error, not hang (the dead node still counts as connected for <= 60 s)
+    fed.processes.kill(restarted)
+    submitted_b = time.monotonic()
+    run_b = submit_run(env, APP, fed.connection,
+                       run_config(out_b, 3, "min-replies=3 min-nodes=2 node-wait-timeout=30.0"))
+    status_b = wait_run(env, fed.connection, run_b, timeout=240)
+    took_b = time.monotonic() - submitted_b
+    log_b = run_log(env, fed.connection, run_b)
+    (tmp_path / "run-b.log").write_text(log_b)
+    assert status_b["status"] == "finished:failed", (status_b, log_b)
+    assert "after 30 s no node plays site(s) ['mimic']; going on with ['ptbxl', 'cinc'] (min-nodes = 2)" in log_b, log_b
+    assert ("round 1: after 30 s (node-wait-timeout) only ['ptbxl', 'cinc'] of ['ptbxl', 'mimic', 'cinc'] have "
+            "a node, the round needs min-replies = 3; no node for ['mimic']. The run ends here") in log_b, log_b
+    assert not any(re.search(rf"\[RUN {run_b}\][\s\S]*Receiving: train", n.log()) for n in fed.processes.procs), \
+        "run B sent a training message"
+    print(f"run B failed {took_b:.0f} s after it was submitted")
