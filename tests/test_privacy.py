@@ -134,7 +134,6 @@ def test_empty_poisson_batches_are_noise_steps_and_are_counted():
 from pathlib import Path  # noqa: E402
 
 from shared.privacy import Ledger, LedgerError, PrivacyRefused, SitePolicy  # noqa: E402
-from shared.privacy.ledger import INDEX_NAME  # noqa: E402
 
 
 @pytest.fixture(scope="module")
