@@ -73,6 +73,7 @@ class SiteAssignment:
         self.handshake = handshake
         self.answers: dict[int, str] = {}
         self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
+        self.missing_since: dict[str, float] = {}  # site -> when it was first seen without a node
         self.node_of_site: dict[str, int] = {}
         self.echo = echo
         self._reported: set[str] = set()
@@ -101,6 +102,15 @@ class SiteAssignment:
         self.answers.update(answers)
         self._deal()
 
+    def _deal(self) -> None:
+        self._deal_sites()
+        now = time.monotonic()
+        for site in self.sites:
+            if site in self.node_of_site:
+                self.missing_since.pop(site, None)
+            else:
+                self.missing_since.setdefault(site, now)
+
     def _connected(self, grid) -> set[int]:
         """The connected node ids; remembers each node's registered name (Flower's ``NodeInfo``
         from ``grid.get_nodes()``; a grid without names gives none)."""
@@ -115,7 +125,7 @@ class SiteAssignment:
             if name:
                 self.registered[node] = name
         return connected
-    def _deal(self) -> None:
+    def _deal_sites(self) -> None:
         """Bound nodes get their sites (the node already playing a site keeps it against a
         newcomer's claim); the other sites stay with the ``*`` node that plays them, and the
         ones without a node go to the ``*`` node with the fewest sites."""

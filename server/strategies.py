@@ -116,21 +116,23 @@ class SiteTracking:
         return messages, names
 
     def _await_floor(self, server_round: int, grid: Grid, poll: float = 1.0) -> list[str]:
-        """The sites that have a node, once there are at least ``min_replies`` of them; waits up
-        to ``node_wait_timeout`` seconds for nodes to (re)join, then ends the run."""
+        """The sites that have a node, once there are at least ``min_replies`` of them; a site
+        without a node gets ``node_wait_timeout`` seconds from when it was first seen without one
+        (so a wait before round 1 counts) to (re)join, then the run ends."""
         self.assignment.refresh(grid)
-        deadline = time.monotonic() + self.node_wait_timeout
         announced = False
         while len(self.assignment.served) < self.min_replies:
+            since = [self.assignment.missing_since.get(s, time.monotonic()) for s in self.assignment.missing]
+            deadline = max(since, default=time.monotonic()) + self.node_wait_timeout
             if time.monotonic() >= deadline:
                 raise RoundFailed(
-                    f"round {server_round}: after {self.node_wait_timeout:.0f} s (node-wait-timeout) only "
-                    f"{self.assignment.served or 'no site'} of {self.assignment.sites} have a node, the round "
-                    f"needs min-replies = {self.min_replies}; no node for {self.assignment.missing}. The run "
-                    f"ends here; checkpoint.pt holds the model of round {server_round - 1} (resume = true "
-                    "continues from it once enough sites are back)")
+                    f"round {server_round}: no node for {self.assignment.missing} within node-wait-timeout = "
+                    f"{self.node_wait_timeout:.0f} s; only {self.assignment.served or 'no site'} of "
+                    f"{self.assignment.sites} have a node, the round needs min-replies = {self.min_replies}. "
+                    f"The run ends here; checkpoint.pt holds the model of round {server_round - 1} (resume = "
+                    "true continues from it once enough sites are back)")
             if not announced:
-                print(f"round {server_round}: waiting up to {self.node_wait_timeout:.0f} s for a node for "
+                print(f"round {server_round}: waiting up to {deadline - time.monotonic():.0f} s for a node for "
                       f"{self.assignment.missing} ({len(self.assignment.served)} site(s) have one, "
                       f"min-replies = {self.min_replies})", flush=True)
                 announced = True

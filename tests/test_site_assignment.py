@@ -247,8 +247,8 @@ def test_a_round_waits_for_its_floor_of_sites_until_the_deadline_then_ends_the_r
     grid = QueryGrid({900: "ptb"}, names={900: "ptb"})
     started = time.monotonic()
     with server_task_identity(), pytest.raises(RoundFailed, match=(
-            r"round 4: after 1 s \(node-wait-timeout\) only \['ptb'\] of \['ptb', 'ptbxl', 'mimic'\] have a node, "
-            r"the round needs min-replies = 2; no node for \['ptbxl', 'mimic'\]")):
+            r"round 4: no node for \['ptbxl', 'mimic'\] within node-wait-timeout = 1 s; only \['ptb'\] of "
+            r"\['ptb', 'ptbxl', 'mimic'\] have a node, the round needs min-replies = 2. The run ends here")):
         strategy.configure_evaluate(4, ArrayRecord(), ConfigRecord(), grid)
     assert time.monotonic() - started < 10
     grid.answers[901], grid.names[901] = "mimic", "mimic"
