@@ -13,6 +13,9 @@ For each model and preset (default: the ``tiny`` presets):
     python bench/models/compile.py                      # both tiny presets, 2 threads
     python bench/models/compile.py --models cardioformer --presets paper --batch 16 --steps 3
     python bench/models/compile.py --explain-only       # graph breaks only (seconds)
+    python bench/models/compile.py --models cardioformer --set dropout=0 --set 'augmentations=["none"]'
+        # without random operations (dropout, augmentation)
+    python bench/models/compile.py --fallback-random    # random numbers from aten, not inductor's kernels
 
 Prints one JSON line per model/preset and a Markdown table; records the 1-minute load average.
 """
@@ -30,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 
-def build(name: str, preset: str) -> tuple[torch.nn.Module, int, int, int]:
+def build(name: str, preset: str, overrides: dict) -> tuple[torch.nn.Module, int, int, int]:
     from shared.models import build_model, get_preset
 
     p = get_preset(name, preset)
     samples = int(round(p["fs"] * p["seconds"]))
     torch.manual_seed(0)
-    model = build_model(name, preset, n_leads=p["n_leads"], input_samples=samples, n_classes=p["n_classes"])
+    model = build_model(name, preset, n_leads=p["n_leads"], input_samples=samples, n_classes=p["n_classes"], **overrides)
     return model, p["n_leads"], samples, p["n_classes"]
 
 
@@ -97,20 +100,35 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--explain-only", action="store_true", help="graph breaks only, no timing")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyper-parameter override (JSON value)")
+    ap.add_argument("--fallback-random", action="store_true",
+                    help="torch._inductor.config.fallback_random: random numbers from aten's generators")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    overrides = {}
+    for pair in args.set:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if args.fallback_random:
+        from torch._inductor import config as inductor_config
+
+        inductor_config.fallback_random = True
     rows = []
     for name in args.models:
         for preset in args.presets:
-            model, n_leads, samples, n_classes = build(name, preset)
+            model, n_leads, samples, n_classes = build(name, preset, overrides)
             x = torch.randn(args.batch, n_leads, samples)
             y = (torch.rand(args.batch, n_classes) > 0.5).float()
-            row = {"model": name, "preset": preset, "batch": args.batch, "threads": args.threads,
+            row = {"model": name, "preset": preset, "overrides": overrides, "fallback_random": args.fallback_random,
+                   "batch": args.batch, "threads": args.threads,
                    **graph_breaks(model, x[:2])}
             if not args.explain_only:
                 eager = speed(model, x, y, args.steps, compiled=False)
                 torch.manual_seed(1)
-                fresh, *_ = build(name, preset)
+                fresh, *_ = build(name, preset, overrides)
                 fresh.load_state_dict(model.state_dict())
                 compiled = speed(fresh, x, y, args.steps, compiled=True)
                 with torch.no_grad():
