@@ -73,7 +73,9 @@ class SiteAssignment:
         self.handshake = handshake
         self.answers: dict[int, str] = {}
         self.registered: dict[int, str] = {}  # node id -> the name its key was registered under
-        self.missing_since: dict[str, float] = {}  # site -> when it was first seen without a node
+        # site -> since when the server has been looking for a node for it (the run's start, or
+        # when its node left)
+        self.missing_since: dict[str, float] = {site: time.monotonic() for site in self.sites}
         self.node_of_site: dict[str, int] = {}
         self.echo = echo
         self._reported: set[str] = set()
