@@ -117,8 +117,8 @@ class SiteTracking:
 
     def _await_floor(self, server_round: int, grid: Grid, poll: float = 1.0) -> list[str]:
         """The sites that have a node, once there are at least ``min_replies`` of them; a site
-        without a node gets ``node_wait_timeout`` seconds from when it was first seen without one
-        (so a wait before round 1 counts) to (re)join, then the run ends."""
+        without a node gets ``node_wait_timeout`` seconds from the run's start or from when its
+        node left (so the wait before round 1 counts) to (re)join, then the run ends."""
         self.assignment.refresh(grid)
         announced = False
         while len(self.assignment.served) < self.min_replies:
