@@ -101,7 +101,7 @@ def federate(base: dict, caches: dict[str, Path], target: float | None) -> dict:
 
 
 def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) -> float:
-    """Seconds per optimiser step of ``train_local`` (2 epochs; median of ``repeats`` calls)."""
+    """Seconds per optimiser step of ``train_local`` (1 epoch; median of ``repeats`` calls)."""
     from shared.data.loader import WindowDataset
     from shared.federation.run_config import input_samples
     from shared.training import DPConfig, TrainConfig, train_local
@@ -109,7 +109,7 @@ def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) ->
     cfg = load_run_config({**base, "dp": dp})
     dataset = WindowDataset(cache, "train", crop_samples=input_samples(cfg), train=True, unit="record")
     dp_cfg = DPConfig(noise_multiplier=1.0, delta=1.0 / (10 * len(dataset))) if dp else None
-    train_cfg = TrainConfig(epochs=2, batch_size=batch, device="cpu", dp=dp_cfg, max_physical_batch=4 * batch)
+    train_cfg = TrainConfig(epochs=1, batch_size=batch, device="cpu", dp=dp_cfg, max_physical_batch=4 * batch)
     times = []
     for _ in range(repeats):
         torch.manual_seed(0)
