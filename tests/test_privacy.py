@@ -130,6 +130,35 @@ def test_empty_poisson_batches_are_noise_steps_and_are_counted():
     assert result.epsilon == pytest.approx(independent.get_epsilon(delta=DELTA))
 
 
+
+def test_ledger_plan_is_what_opacus_runs_for_93_units_batch_1():
+    """For 93 units in batches of 1 Opacus runs int(1/(1/93)) = 92 steps and accounts q = 1/92:
+    the plan the ledger commits must be exactly that (review finding 5)."""
+    from shared.training.privacy import sample_rate_and_steps
+
+    cfg = TrainConfig(epochs=1, batch_size=1, device="cpu", dp=DPConfig(noise_multiplier=SIGMA, delta=DELTA))
+    result = train_local(TinyEcgNet(), ArrayDataset(n=93), cfg)
+    q, steps = sample_rate_and_steps(93, 1, 1)
+    assert result.dp_state_history() == [(SIGMA, q, steps)]
+    assert steps == 92 and q == 1 / 92
+
+
+def test_ledger_plan_matches_opacus_loader_for_every_n():
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from shared.training.privacy import sample_rate_and_steps
+
+    data = TensorDataset(torch.zeros(6000, 1))
+    # batch 1: every N up to 400 (93, 99, 105, ... mismatch); batch 64: both sides of 5889-5952
+    for batch, ns in ((1, range(1, 400)), (64, (5888, 5889, 5920, 5952, 5953))):
+        for n in ns:
+            loader = DataLoader(torch.utils.data.Subset(data, range(n)), batch_size=batch)
+            dp_loader = DPDataLoader.from_data_loader(loader)
+            q, steps = sample_rate_and_steps(n, batch, 3)
+            assert (q, steps) == (1 / len(dp_loader), 3 * len(dp_loader)), (n, batch)
+
+
 # ------------------------------------------------------------------ the site's ledger, policy, unit
 from pathlib import Path  # noqa: E402
 

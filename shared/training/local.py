@@ -26,6 +26,7 @@ from .privacy import (
     check_state_matches,
     epsilon_of,
     history_from_state,
+    sample_rate_and_steps,
     state_from_history,
 )
 
@@ -110,10 +111,8 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
     history = history_from_state(dp_state)
     rounds_before = int(dp_state.get("rounds_trained", 0)) if dp_state else 0
 
-    # Poisson sampling: sample rate 1 / batches-per-epoch, one optimiser step per expected batch.
-    batches_per_epoch = len(loader)
-    sample_rate = 1.0 / batches_per_epoch
-    planned_steps = cfg.epochs * batches_per_epoch
+    # Poisson sampling, planned exactly as Opacus runs and accounts it (see sample_rate_and_steps).
+    sample_rate, planned_steps = sample_rate_and_steps(n, cfg.batch_size, cfg.epochs)
     if dp.epsilon_budget is not None:
         would_be = epsilon_of(
             dp.accountant,

@@ -94,7 +94,22 @@ def check_state_matches(dp: DPConfig, dp_state: dict[str, Any] | None) -> None:
         )
 
 
+def opacus_steps_per_epoch(batches: int) -> int:
+    """The optimiser steps Opacus runs per epoch for a loader of ``batches`` batches.
+
+    Opacus's Poisson loader samples at rate ``1 / batches`` but runs ``int(1 / (1 / batches))``
+    steps per epoch (``UniformWithReplacementSampler.steps``), and ``make_private`` accounts
+    ``1 / len(dp_loader)``: for some ``batches`` (93, 99, 105, ...) the float round trip gives
+    ``batches - 1``. The ledger plans exactly what Opacus runs and accounts.
+    """
+    return int(1 / (1 / batches))
+
+
 def sample_rate_and_steps(n_units: int, batch_size: int, epochs: int) -> tuple[float, int]:
-    """Opacus's Poisson sample rate ``1 / ceil(N / batch_size)`` and the steps of ``epochs`` epochs."""
-    batches = math.ceil(n_units / batch_size)
-    return 1.0 / batches, epochs * batches
+    """``(q, steps)`` exactly as Opacus accounts them for ``epochs`` epochs over ``n_units`` units.
+
+    ``k = ceil(N / batch_size)`` batches; Opacus runs ``s = int(1 / (1 / k))`` steps per epoch and
+    accounts ``q = 1 / s`` (conservative where ``s = k - 1``: the true Poisson rate is ``1 / k``).
+    """
+    steps_per_epoch = opacus_steps_per_epoch(math.ceil(n_units / batch_size))
+    return 1.0 / steps_per_epoch, epochs * steps_per_epoch
