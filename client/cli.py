@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--dp-max-delta", type=float, metavar="DELTA", help="refuse a larger DP delta")
     policy.add_argument("--dp-secure-mode", action="store_true",
                         help="DP noise and sampling from Opacus secure_mode (a CSPRNG; needs torchcsprng)")
+    policy.add_argument("--dp-unit", choices=("record", "patient", "window"), default="record",
+                        help="the smallest privacy unit this site accepts (default record; patient also "
+                        "accepted then; window only when set here): a run asking a finer unit is refused")
     parser.add_argument(
         "--dry-run", action="store_true",
         help="validate, print what this node would serve and the command, and exit",
@@ -295,6 +298,8 @@ def node_config(site: str, data: Path, args: argparse.Namespace | None = None) -
         out += " dp-required=true"
     if getattr(args, "dp_secure_mode", False):
         out += " dp-secure-mode=true"
+    if getattr(args, "dp_unit", "record") not in (None, "record"):
+        out += f" dp-unit='{args.dp_unit}'"
     for flag in ("dp_max_epsilon", "dp_min_noise_multiplier", "dp_max_delta"):
         if getattr(args, flag, None) is not None:
             out += f" {flag.replace('_', '-')}={float(getattr(args, flag))!r}"

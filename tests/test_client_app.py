@@ -305,3 +305,26 @@ def test_a_deployed_site_takes_its_policy_and_state_dir_from_its_own_node_config
     dp = {**BASE, "dp": True}
     reply, _ = _train(dp, context=make_context({"site": "cinc"}, dp))
     assert reply.has_error() and "--state-dir" in reply.error.reason
+
+
+def test_the_site_policy_pins_the_privacy_unit(tmp_path):
+    """The coordinator cannot lower the unit (review finding 2): default policy unit is record;
+    window only if the site opts in; patient covers record."""
+    import client.cli as client_cli
+    from shared.privacy import PrivacyRefused, SitePolicy
+
+    run_dir = tmp_path / "run"
+    dp = {**BASE, "dp": True, "dp-batch-size": 16, "out-dir": str(run_dir), "dp-unit": "window"}
+    reply, _ = _train(dp)
+    assert reply.has_error() and "dp-unit = 'record'" in reply.error.reason and "'window'" in reply.error.reason
+    assert not list(run_dir.glob("sites/cinc/privacy-*"))  # nothing spent or written
+    SitePolicy().check_run(dp=True, noise_multiplier=1.0, delta=1e-5, unit="patient")
+    SitePolicy(unit="window").check_run(dp=True, noise_multiplier=1.0, delta=1e-5, unit="window")
+    with pytest.raises(PrivacyRefused, match="dp-unit = 'patient'"):
+        SitePolicy(unit="patient").check_run(dp=True, noise_multiplier=1.0, delta=1e-5, unit="record")
+    # python -m client --dp-unit patient -> node config -> the deployed site's policy
+    args = client_cli.build_parser().parse_args(["--site", "ptb", "--data", str(tmp_path), "--dp-unit", "patient"])
+    assert " dp-unit='patient'" in client_cli.node_config("ptb", tmp_path, args)
+    assert SitePolicy.from_mapping({"site": "ptb", "dp-unit": "patient"}, "node config").unit == "patient"
+    with pytest.raises(ConfigError, match="dp-unit = 'visit'"):
+        SitePolicy.from_mapping({"dp-unit": "visit"}, "node config")

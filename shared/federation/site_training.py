@@ -95,7 +95,7 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
         check_delta(dp.delta, n_units)
     except ValueError as exc:
         raise PrivacyRefused(str(exc)) from None
-    policy.check_run(dp=True, noise_multiplier=dp.noise_multiplier, delta=dp.delta)
+    policy.check_run(dp=True, noise_multiplier=dp.noise_multiplier, delta=dp.delta, unit=unit)
     epochs = int(cfg.dp_local_epochs) or int(cfg.local_epochs)
     batch_size = int(cfg.dp_batch_size)
     sample_rate, steps = sample_rate_and_steps(n_units, batch_size, epochs)

@@ -11,7 +11,11 @@ dp-min-noise-multiplier=1.2"``. Keys:
 * ``dp-min-noise-multiplier`` (float): refuse less noise;
 * ``dp-max-delta`` (float): refuse a larger delta;
 * ``dp-secure-mode`` (bool): noise and sampling from Opacus ``secure_mode`` (a CSPRNG; needs
-  ``torchcsprng``) instead of generators seeded from the site's own secret.
+  ``torchcsprng``) instead of generators seeded from the site's own secret;
+* ``dp-unit`` (``record`` default, ``patient``, ``window``): the smallest privacy unit the site
+  accepts. A run's ``dp-unit`` must cover at least this unit (window < record < patient: a
+  patient-level guarantee covers each of the patient's records); ``window`` only when the site
+  sets it explicitly. The coordinator cannot lower it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from typing import Any
 
 from shared.federation.run_config import ConfigError
 
-POLICY_KEYS = ("dp-required", "dp-max-epsilon", "dp-min-noise-multiplier", "dp-max-delta", "dp-secure-mode")
+POLICY_KEYS = ("dp-required", "dp-max-epsilon", "dp-min-noise-multiplier", "dp-max-delta", "dp-secure-mode",
+               "dp-unit")
+# Privacy units from the finest to the coarsest: a guarantee for a coarser unit covers the finer ones.
+UNIT_ORDER = ("window", "record", "patient")
 
 
 class PrivacyRefused(ConfigError):
@@ -36,6 +43,7 @@ class SitePolicy:
     min_noise_multiplier: float | None = None
     max_delta: float | None = None
     secure_mode: bool = False
+    unit: str = "record"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> SitePolicy:
@@ -62,16 +70,22 @@ class SitePolicy:
                 raise ConfigError(f"{where}: {key} = {v!r} is invalid: must be {rng}")
             return x
 
+        unit = str(values.get("dp-unit", "") or "record")
+        if unit not in UNIT_ORDER:
+            raise ConfigError(f"{where}: dp-unit = {unit!r} is invalid: must be one of {list(UNIT_ORDER)}")
         return cls(dp_required=flag("dp-required"), max_epsilon=positive("dp-max-epsilon"),
                    min_noise_multiplier=positive("dp-min-noise-multiplier"),
-                   max_delta=positive("dp-max-delta", 1.0), secure_mode=flag("dp-secure-mode"))
+                   max_delta=positive("dp-max-delta", 1.0), secure_mode=flag("dp-secure-mode"), unit=unit)
 
-    def check_run(self, *, dp: bool, noise_multiplier: float, delta: float) -> None:
+    def check_run(self, *, dp: bool, noise_multiplier: float, delta: float, unit: str = "record") -> None:
         """Refuse a run whose DP settings break this policy (before anything is trained)."""
         if self.dp_required and not dp:
             raise PrivacyRefused("site policy dp-required = true, but this run has dp = false")
         if not dp:
             return
+        if unit not in UNIT_ORDER or UNIT_ORDER.index(unit) < UNIT_ORDER.index(self.unit):
+            raise PrivacyRefused(f"site policy dp-unit = {self.unit!r}, but this run asks for dp-unit = {unit!r} "
+                                 f"(the site accepts {[u for u in UNIT_ORDER if UNIT_ORDER.index(u) >= UNIT_ORDER.index(self.unit)]})")
         if self.min_noise_multiplier is not None and noise_multiplier < self.min_noise_multiplier:
             raise PrivacyRefused(f"site policy dp-min-noise-multiplier = {self.min_noise_multiplier:g}, "
                                  f"but this run asks for dp-noise-multiplier = {noise_multiplier:g}")
