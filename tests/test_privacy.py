@@ -199,6 +199,12 @@ def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable
     assert sum(h[2] for h in ledger.history) == first.result.steps + second.result.steps
     assert second.result.epsilon == pytest.approx(_eps(ledger.history, second.dp_report["delta"]), rel=1e-9)
     saved = _files(tmp_path)
+    # a dataset with a ledger is not trained without DP (review finding 4); nor under dp-max-epsilon
+    with pytest.raises(PrivacyRefused, match="has a privacy ledger"):
+        _train_site(cache, tmp_path, dp=False)
+    with pytest.raises(PrivacyRefused, match="dp-max-epsilon = 8 implies dp-required"):
+        SitePolicy(max_epsilon=8.0).check_run(dp=False, noise_multiplier=0.0, delta=0.0)
+    assert _files(tmp_path) == saved
 
     # a ledger of another dataset, copied over this one's name
     from shared.privacy import dataset_fingerprint

@@ -81,6 +81,9 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
     policy = policy or SitePolicy()
     if not cfg.dp:
         policy.check_run(dp=False, noise_multiplier=0.0, delta=0.0)
+        if state_dir is not None and Ledger.trained_with_dp(Path(state_dir), cache):
+            raise PrivacyRefused("this dataset has a privacy ledger at this site (it was trained with DP): a run "
+                                 "without DP would release an unnoised update of it; refusing dp = false")
         return _train(cfg, cache, site_seed(cfg, site, server_round), global_state, site_local, proximal_mu,
                       unit="window", dp=None, dp_state=None, epochs=int(cfg.local_epochs), lr=float(cfg.lr),
                       batch_size=int(cfg.batch_size))

@@ -101,6 +101,16 @@ class Ledger:
         return [(float(s), float(q), int(n)) for s, q, n in self.data["history"]]
 
     @classmethod
+    def trained_with_dp(cls, state_dir: Path, cache: Path) -> bool:
+        """Whether this dataset has a ledger (or an index entry) in ``state_dir``: DP was used on it."""
+        state_dir = Path(state_dir)
+        if not state_dir.is_dir():
+            return False
+        fp = dataset_fingerprint(cache)
+        return (cls(state_dir, fp, "", "", "", None).path.exists()
+                or fp in _read_index(state_dir / INDEX_NAME).get("trained", {}))
+
+    @classmethod
     def open(cls, state_dir: Path, cache: Path, site: str, unit: str, accountant: str) -> Ledger:
         state_dir = Path(state_dir)
         check_writable(state_dir)

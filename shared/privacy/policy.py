@@ -7,7 +7,7 @@ dp-min-noise-multiplier=1.2"``. Keys:
 
 * ``dp-required`` (bool): refuse any run without DP;
 * ``dp-max-epsilon`` (float): the lifetime epsilon the site's dataset may reach, over every run
-  (checked against the site's ledger before training);
+  (checked against the site's ledger before training); implies ``dp-required``;
 * ``dp-min-noise-multiplier`` (float): refuse less noise;
 * ``dp-max-delta`` (float): refuse a larger delta;
 * ``dp-secure-mode`` (bool): noise and sampling from Opacus ``secure_mode`` (a CSPRNG; needs
@@ -81,6 +81,9 @@ class SitePolicy:
         """Refuse a run whose DP settings break this policy (before anything is trained)."""
         if self.dp_required and not dp:
             raise PrivacyRefused("site policy dp-required = true, but this run has dp = false")
+        if self.max_epsilon is not None and not dp:  # an unnoised update would bypass the lifetime cap
+            raise PrivacyRefused(f"site policy dp-max-epsilon = {self.max_epsilon:g} implies dp-required, "
+                                 "but this run has dp = false")
         if not dp:
             return
         if unit not in UNIT_ORDER or UNIT_ORDER.index(unit) < UNIT_ORDER.index(self.unit):
