@@ -193,11 +193,17 @@ def _files(d: Path) -> dict[str, bytes]:
 def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable(site_cache, tmp_path):
     cache, other = site_cache["ptb"], site_cache["ptbxl"]
     first = _train_site(cache, tmp_path)
-    second = _train_site(cache, tmp_path)
+    d = first.dp_report["delta"]
+    # delta is fixed in the ledger at first use (review finding 3): a smaller one is accounted at it,
+    # a larger one refused
+    second = _train_site(cache, tmp_path, **{"dp-delta": d / 2})
     assert second.result.epsilon > first.result.epsilon > 0  # a new call (run, node) continues
     ledger = Ledger.open(tmp_path, cache, "ptb", "record", "rdp")
     assert sum(h[2] for h in ledger.history) == first.result.steps + second.result.steps
-    assert second.result.epsilon == pytest.approx(_eps(ledger.history, second.dp_report["delta"]), rel=1e-9)
+    assert second.dp_report["delta"] == ledger.delta == d and second.result.delta == d
+    assert second.result.epsilon == pytest.approx(_eps(ledger.history, d), rel=1e-9)
+    with pytest.raises(PrivacyRefused, match="larger than the delta"):
+        _train_site(cache, tmp_path, **{"dp-delta": d * 2})
     saved = _files(tmp_path)
     # a dataset with a ledger is not trained without DP (review finding 4); nor under dp-max-epsilon
     with pytest.raises(PrivacyRefused, match="has a privacy ledger"):

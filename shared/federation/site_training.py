@@ -110,6 +110,7 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
     check_writable(state_dir)
     with locked(state_dir):
         ledger = Ledger.open(state_dir, cache, site, unit, dp.accountant)
+        dp = _at_ledger_delta(dp, ledger, policy, n_units)
         history = ledger.history
         spent = epsilon_of(dp.accountant, history, dp.delta)
         planned = append_steps(history, dp.noise_multiplier, sample_rate, steps)
@@ -120,7 +121,8 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
         if not over_run_budget:  # the spend is on disk before anything can leave the site
             ledger.commit(planned, {"round": int(server_round), "noise_multiplier": dp.noise_multiplier,
                                     "sample_rate": sample_rate, "steps": steps, "max_grad_norm": dp.max_grad_norm,
-                                    "delta": dp.delta, "units": n_units, "epsilon_after": after})
+                                    "delta": dp.delta, "units": n_units, "epsilon_after": after},
+                          delta=dp.delta)
     outcome = _train(cfg, cache, 0, global_state, site_local, proximal_mu, unit=unit, dp=dp,
                      dp_state=state_from_history(dp, history, rounds_before), epochs=epochs, lr=float(cfg.dp_lr),
                      batch_size=batch_size, dataset=dataset)
@@ -128,6 +130,24 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
         raise RuntimeError(f"site {site}: Opacus counted other steps than the ledger recorded "
                            f"({outcome.result.dp_state_history()} vs {planned}); ledger {ledger.path}")
     return _with_report(outcome, unit, n_units, sample_rate, dp)
+
+
+def _at_ledger_delta(dp: DPConfig, ledger: Ledger, policy: SitePolicy, n_units: int) -> DPConfig:
+    """``dp`` at the ledger's delta: fixed at the dataset's first spend (the site's ``dp-max-delta``
+    if set, else ``1/(10 N)``), so the coordinator cannot stretch the lifetime epsilon by raising
+    delta from run to run. A run asking a larger delta is refused; a smaller one is accounted (and
+    reported) at the ledger's delta."""
+    ledger_delta = ledger.delta
+    if ledger_delta is None:
+        ledger_delta = policy.max_delta if policy.max_delta is not None else 1.0 / (10.0 * n_units)
+    try:
+        check_delta(ledger_delta, n_units)
+    except ValueError as exc:
+        raise PrivacyRefused(f"the site's ledger delta: {exc}") from None
+    if dp.delta > ledger_delta:
+        raise PrivacyRefused(f"this run asks for delta {dp.delta:g}, larger than the delta {ledger_delta:g} this "
+                             "dataset's privacy ledger is accounted at (fixed at its first DP round)")
+    return DPConfig(**{**dp.__dict__, "delta": ledger_delta})
 
 
 def _with_report(outcome: SiteTrainOutcome, unit: str, n_units: int, sample_rate: float,

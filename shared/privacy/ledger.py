@@ -11,6 +11,8 @@ directory, so a ledger that went missing is noticed instead of silently restarti
 Decisions (:meth:`Ledger.open`):
 
 * no ledger and the dataset is not in the index: a new, empty ledger (never trained on);
+* the ledger's delta is fixed at its first spend (the site's ``dp-max-delta`` if set, else
+  ``1/(10 N)``); every spend is accounted at it;
 * no ledger but the dataset is in the index, an unreadable ledger or index, a ledger that
   names another dataset, another unit or another accountant: :class:`LedgerError` naming the file;
   nothing is trained.
@@ -97,6 +99,12 @@ class Ledger:
         return not self.data["history"]
 
     @property
+    def delta(self) -> float | None:
+        """The delta every spend on this dataset is accounted at, fixed at first use (None: new ledger)."""
+        value = self.data.get("delta")
+        return float(value) if value is not None else None
+
+    @property
     def history(self) -> list[tuple[float, float, int]]:
         return [(float(s), float(q), int(n)) for s, q, n in self.data["history"]]
 
@@ -144,8 +152,12 @@ class Ledger:
         ledger.data = data
         return ledger
 
-    def commit(self, history: list[tuple[float, float, int]], entry: dict[str, Any]) -> None:
-        """Record the history after this round (index first, then the ledger, both atomic)."""
+    def commit(self, history: list[tuple[float, float, int]], entry: dict[str, Any], *, delta: float) -> None:
+        """Record the history after this round (index first, then the ledger, both atomic).
+
+        ``delta`` is the ledger's delta: written at the first commit, never changed after."""
+        if self.delta is not None and delta != self.delta:
+            raise LedgerError(f"privacy ledger {self.path} is accounted at delta {self.delta:g}, not {delta:g}")
         index_path = self.state_dir / INDEX_NAME
         index = _read_index(index_path)
         trained = index.setdefault("trained", {})
@@ -153,6 +165,7 @@ class Ledger:
             trained[self.fingerprint] = {"ledger": self.path.name, "site": self.site}
             _atomic_write_json(index_path, index)
         data = dict(self.data)
+        data["delta"] = float(delta)
         data["history"] = [[float(s), float(q), int(n)] for s, q, n in history]
         data["rounds"] = list(data.get("rounds", [])) + [{**entry, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
         _atomic_write_json(self.path, data)
