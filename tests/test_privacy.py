@@ -272,6 +272,23 @@ def test_bad_dp_input_is_refused_before_anything_is_trained_or_written(site_cach
     assert _files(tmp_path / "s") == saved
 
 
+def test_secure_mode_that_cannot_start_is_refused_before_the_ledger_is_written(site_cache, tmp_path):
+    """torchcsprng is not installed: secure mode must be refused before any spend (review finding 6)."""
+    import importlib.util
+
+    from shared.federation.site_training import new_model, train_site
+
+    if importlib.util.find_spec("torchcsprng") is not None:
+        pytest.skip("torchcsprng is installed here: secure mode can start")
+    cfg = _site_cfg()
+    for policy, over in ((SitePolicy(secure_mode=True), {}), (None, {"dp-secure-mode": True})):
+        cfg = _site_cfg(**over)
+        with pytest.raises(PrivacyRefused, match="secure mode cannot start.*torchcsprng"):
+            train_site(cfg, site_cache["ptb"], "ptb", 1, new_model(cfg).state_dict(), state_dir=tmp_path,
+                       policy=policy)
+    assert not list(tmp_path.glob("privacy-*"))
+
+
 def test_site_policy_parsing_names_the_bad_key():
     from shared.federation.run_config import ConfigError
     from shared.privacy.policy import parse_site_policies

@@ -23,7 +23,7 @@ from shared.models import build_model
 from shared.privacy.ledger import Ledger, check_writable, locked
 from shared.privacy.policy import PrivacyRefused, SitePolicy
 from shared.training import DPConfig, EvalResult, TrainConfig, TrainResult, evaluate_model, train_local
-from shared.training.local import check_delta
+from shared.training.local import check_delta, check_private_trainable
 from shared.training.privacy import append_steps, epsilon_of, sample_rate_and_steps, state_from_history
 
 # What the model sees: the label space's classes and the standard 12 leads. A cache built with
@@ -108,9 +108,17 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
         return _with_report(outcome, unit, n_units, sample_rate, dp)
     state_dir = Path(state_dir)
     check_writable(state_dir)
+    # Everything that can fail before training (the model, the global weights, the Opacus engine,
+    # secure mode) is checked before the spend is committed: a run that cannot start spends nothing.
+    model = new_model(cfg)
+    load_state(model, global_state, site_local)
     with locked(state_dir):
         ledger = Ledger.open(state_dir, cache, site, unit, dp.accountant)
         dp = _at_ledger_delta(dp, ledger, policy, n_units)
+        try:
+            check_private_trainable(model, dp)
+        except ValueError as exc:
+            raise PrivacyRefused(str(exc)) from None
         history = ledger.history
         spent = epsilon_of(dp.accountant, history, dp.delta)
         planned = append_steps(history, dp.noise_multiplier, sample_rate, steps)
@@ -125,7 +133,7 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
                           delta=dp.delta)
     outcome = _train(cfg, cache, 0, global_state, site_local, proximal_mu, unit=unit, dp=dp,
                      dp_state=state_from_history(dp, history, rounds_before), epochs=epochs, lr=float(cfg.dp_lr),
-                     batch_size=batch_size, dataset=dataset)
+                     batch_size=batch_size, dataset=dataset, model=model)
     if outcome.result.skipped_reason is None and [tuple(h) for h in outcome.result.dp_state_history()] != planned:
         raise RuntimeError(f"site {site}: Opacus counted other steps than the ledger recorded "
                            f"({outcome.result.dp_state_history()} vs {planned}); ledger {ledger.path}")
@@ -164,9 +172,10 @@ def _train_dataset(cfg: DictConfig, cache: Path, seed: int, unit: str) -> Window
 
 
 def _train(cfg, cache, seed, global_state, site_local, proximal_mu, *, unit, dp, dp_state, epochs, lr,
-           batch_size, dataset=None) -> SiteTrainOutcome:
-    model = new_model(cfg)
-    load_state(model, global_state, site_local)
+           batch_size, dataset=None, model=None) -> SiteTrainOutcome:
+    if model is None:
+        model = new_model(cfg)
+        load_state(model, global_state, site_local)
     dataset = dataset if dataset is not None else _train_dataset(cfg, cache, seed, unit)
     train_cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=float(cfg.weight_decay),

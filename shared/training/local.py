@@ -94,12 +94,13 @@ def check_delta(delta: float, n_units: int) -> None:
                          f"(N = {n_units} privacy units at this site); choose delta <= 1/(10 N)")
 
 
-def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n) -> TrainResult:
+def check_private_trainable(model: nn.Module, dp) -> None:
+    """Raise ``ValueError`` when Opacus cannot train ``model`` under ``dp``: the model does not
+    validate, or the ``PrivacyEngine`` cannot be built (``secure_mode`` needs ``torchcsprng``).
+    Called before a site commits its spend, so a run that cannot start spends nothing."""
     from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
     from opacus.validators import ModuleValidator
 
-    dp = cfg.dp
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         listed = "; ".join(str(e) for e in errors[:5])
@@ -107,6 +108,21 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
             f"model is not compatible with Opacus DP ({len(errors)} problem(s): {listed}); "
             "build it with dp=True"
         )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+    except ImportError as exc:
+        raise ValueError(f"DP secure mode cannot start: {exc} (Opacus secure_mode needs the torchcsprng "
+                         "package, which is not installed here)") from None
+
+
+def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n) -> TrainResult:
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    dp = cfg.dp
+    check_private_trainable(model, dp)
     check_state_matches(dp, dp_state)
     history = history_from_state(dp_state)
     rounds_before = int(dp_state.get("rounds_trained", 0)) if dp_state else 0
