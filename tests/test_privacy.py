@@ -289,6 +289,32 @@ def test_secure_mode_that_cannot_start_is_refused_before_the_ledger_is_written(s
     assert not list(tmp_path.glob("privacy-*"))
 
 
+def test_a_crash_between_ledger_and_index_writes_does_not_strand_the_dataset(site_cache, tmp_path, monkeypatch):
+    """The ledger is written before the index (review finding 16): a crash in between leaves a
+    ledger that opens normally and is indexed at the next commit."""
+    from shared.privacy import ledger as ledger_mod
+
+    cache = site_cache["ptb"]
+    real = ledger_mod._atomic_write_json
+
+    def crash_on_index(path, data):
+        if path.name == ledger_mod.INDEX_NAME:
+            raise OSError("simulated crash")
+        real(path, data)
+
+    ledger = Ledger.open(tmp_path, cache, "ptb", "record", "rdp")
+    monkeypatch.setattr(ledger_mod, "_atomic_write_json", crash_on_index)
+    with pytest.raises(OSError, match="simulated crash"):
+        ledger.commit([(1.0, 0.5, 2)], {"round": 1}, delta=1e-3)
+    monkeypatch.setattr(ledger_mod, "_atomic_write_json", real)
+    assert not (tmp_path / ledger_mod.INDEX_NAME).exists()
+    again = Ledger.open(tmp_path, cache, "ptb", "record", "rdp")
+    assert again.history == [(1.0, 0.5, 2)] and again.delta == 1e-3
+    again.commit([(1.0, 0.5, 4)], {"round": 2}, delta=1e-3)
+    index = json.loads((tmp_path / ledger_mod.INDEX_NAME).read_text())
+    assert again.fingerprint in index["trained"]
+
+
 def test_site_policy_parsing_names_the_bad_key():
     from shared.federation.run_config import ConfigError
     from shared.privacy.policy import parse_site_policies

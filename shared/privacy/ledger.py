@@ -153,23 +153,25 @@ class Ledger:
         return ledger
 
     def commit(self, history: list[tuple[float, float, int]], entry: dict[str, Any], *, delta: float) -> None:
-        """Record the history after this round (index first, then the ledger, both atomic).
+        """Record the history after this round (the ledger first, then the index, both atomic).
 
-        ``delta`` is the ledger's delta: written at the first commit, never changed after."""
+        ``delta`` is the ledger's delta: written at the first commit, never changed after. A crash
+        between the two writes leaves a ledger without an index entry: it is opened normally and
+        indexed at the next commit (the other order would strand the dataset)."""
         if self.delta is not None and delta != self.delta:
             raise LedgerError(f"privacy ledger {self.path} is accounted at delta {self.delta:g}, not {delta:g}")
-        index_path = self.state_dir / INDEX_NAME
-        index = _read_index(index_path)
-        trained = index.setdefault("trained", {})
-        if self.fingerprint not in trained:
-            trained[self.fingerprint] = {"ledger": self.path.name, "site": self.site}
-            _atomic_write_json(index_path, index)
         data = dict(self.data)
         data["delta"] = float(delta)
         data["history"] = [[float(s), float(q), int(n)] for s, q, n in history]
         data["rounds"] = list(data.get("rounds", [])) + [{**entry, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
         _atomic_write_json(self.path, data)
         self.data = data
+        index_path = self.state_dir / INDEX_NAME
+        index = _read_index(index_path)
+        trained = index.setdefault("trained", {})
+        if self.fingerprint not in trained:
+            trained[self.fingerprint] = {"ledger": self.path.name, "site": self.site}
+            _atomic_write_json(index_path, index)
 
 
 def _read_index(path: Path) -> dict[str, Any]:
