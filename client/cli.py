@@ -15,18 +15,21 @@ TLS is the default. Plain text needs an explicit ``--insecure`` (local tests onl
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.fab_guard import write_shim
 from shared import processes
 from shared.data.record import SITES
 
@@ -327,10 +330,13 @@ def supernode_command(args: argparse.Namespace, site_data: SiteData) -> list[str
     return command
 
 
-def runtime_path() -> str:
-    """PATH with this interpreter's bin first: the SuperNode spawns flower-superexec and
-    flwr-clientapp by bare name, and they must come from the same environment."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+def runtime_path(shim_dir: Path | None = None) -> str:
+    """PATH with the FAB guard's ``shim_dir`` first, then this interpreter's bin: the SuperNode
+    spawns flower-superexec and flwr-clientapp by bare name, so they come from this environment,
+    and ``flwr-clientapp`` resolves to the site's guard (client/fab_guard.py), which refuses a
+    coordinator's FAB that would replace the site's code."""
+    parts = [str(shim_dir)] if shim_dir is not None else []
+    return os.pathsep.join([*parts, str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
 def describe(args: argparse.Namespace, site_data: SiteData, command: list[str]) -> str:
@@ -379,7 +385,12 @@ def _quote(text: str) -> str:
 def run_supernode(command: list[str], args: argparse.Namespace) -> int:
     """Run flower-supernode in the foreground, pass its output through, forward SIGTERM/SIGINT,
     and turn a connection failure into a message that says what to check."""
-    env = dict(os.environ, PATH=runtime_path())
+    # The FAB guard: flwr-clientapp, first on the SuperNode's PATH, validates the coordinator's
+    # FAB before Flower installs it (client/fab_guard.py, docs/privacy.md).
+    shim_dir = Path(tempfile.mkdtemp(prefix="fed-ecg-fab-guard-"))
+    atexit.register(shutil.rmtree, shim_dir, ignore_errors=True)
+    write_shim(shim_dir)
+    env = dict(os.environ, PATH=runtime_path(shim_dir))
     # Flower telemetry is off unless the operator sets FLWR_TELEMETRY_ENABLED=1 themselves.
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     patience = f"up to {args.max_wait / 3600:g} h (--max-wait)" if args.max_wait > 0 else "without limit"
