@@ -215,6 +215,7 @@ def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable
     # a ledger of another dataset, copied over this one's name
     from shared.privacy import dataset_fingerprint
 
+    assert dataset_fingerprint(other) != dataset_fingerprint(cache)
     foreign = json.loads(saved[ledger.path.name])
     foreign["dataset_fingerprint"] = dataset_fingerprint(other)
     ledger.path.write_text(json.dumps(foreign))
@@ -270,6 +271,32 @@ def test_bad_dp_input_is_refused_before_anything_is_trained_or_written(site_cach
         train_site(cfg, cache, "ptb", 2, new_model(cfg).state_dict(), state_dir=tmp_path / "s", policy=policy)
     assert "privacy-ledger-" in str(info.value) and "dp-max-epsilon = " in str(info.value)
     assert _files(tmp_path / "s") == saved
+
+
+def test_a_rebuilt_cache_of_the_same_records_keeps_its_ledger(site_cache, tmp_path):
+    """The ledger is keyed to the train split's record and patient ids, not the cache's files
+    (review finding 7): a re-prepared cache (other manifest: source path, builder version) keeps
+    the budget; another train split is another dataset."""
+    import shutil
+
+    from shared.privacy import dataset_fingerprint
+
+    cache = site_cache["ptb"]
+    rebuilt = tmp_path / "rebuilt"
+    shutil.copytree(cache, rebuilt)
+    manifest = json.loads((rebuilt / "manifest.json").read_text())
+    manifest["source"] = "/elsewhere/ptb"
+    manifest["builder_version"] = "999"
+    (rebuilt / "manifest.json").write_text(json.dumps(manifest))
+    assert dataset_fingerprint(rebuilt) == dataset_fingerprint(cache)
+    ledger = Ledger.open(tmp_path / "state", cache, "ptb", "record", "rdp")
+    ledger.commit([(1.0, 0.5, 3)], {"round": 1}, delta=1e-3)
+    assert Ledger.open(tmp_path / "state", rebuilt, "ptb", "record", "rdp").history == [(1.0, 0.5, 3)]
+    rows = (rebuilt / "records.csv").read_text().splitlines()
+    i = next(k for k, r in enumerate(rows) if ",train," in r)
+    rows[i] = rows[i].replace(",train,", ",val,")  # one record fewer in the train split
+    (rebuilt / "records.csv").write_text("\n".join(rows) + "\n")
+    assert dataset_fingerprint(rebuilt) != dataset_fingerprint(cache)
 
 
 def test_secure_mode_that_cannot_start_is_refused_before_the_ledger_is_written(site_cache, tmp_path):

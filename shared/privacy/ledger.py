@@ -1,9 +1,10 @@
 """The site's privacy ledger: every DP step ever taken on one dataset, on the site's own disk.
 
 One JSON file per dataset in the site's state directory, ``privacy-ledger-<fp>.json``, keyed by
-the dataset's fingerprint (a hash of the cache's manifest, record table and splits), so every
-run that trains on that data - a resumed run, a run after a node restart, a new run - spends
-from the same budget. It holds the Opacus accountant history ``[noise_multiplier, sample_rate,
+the dataset's fingerprint (a hash of the train split's record and patient ids, not of the cache's
+files), so every run that trains on that data - a resumed run, a run after a node restart, a new
+run, a rebuilt cache of the same records - spends from the same budget. Another state directory
+starts another ledger: the site keeps one. It holds the Opacus accountant history ``[noise_multiplier, sample_rate,
 steps]`` from which epsilon is recomputed, the privacy unit and accountant, and one entry per
 round. ``privacy-index.json`` beside it lists every dataset ever trained with DP from this
 directory, so a ledger that went missing is noticed instead of silently restarting at 0.
@@ -24,6 +25,7 @@ spent (conservative).
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import hashlib
 import json
@@ -38,7 +40,7 @@ from .policy import PrivacyRefused
 LEDGER_FORMAT = "fed-ecg privacy ledger"
 LEDGER_VERSION = 1
 INDEX_NAME = "privacy-index.json"
-FINGERPRINT_FILES = ("manifest.json", "records.csv", "splits.json")
+RECORDS_FILE = "records.csv"
 
 
 class LedgerError(PrivacyRefused):
@@ -46,12 +48,21 @@ class LedgerError(PrivacyRefused):
 
 
 def dataset_fingerprint(cache: str | Path) -> str:
-    """sha256 of the cache's manifest, record table and splits: the identity of the dataset."""
-    h = hashlib.sha256()
-    for name in FINGERPRINT_FILES:
-        path = Path(cache) / name
-        h.update(name.encode() + b"\0")
-        h.update(path.read_bytes())
+    """The identity of the training data: sha256 over the sorted ``(record id, patient id)`` pairs
+    of the cache's train split (``records.csv``).
+
+    Keyed to the records themselves, not the cache's files: re-preparing the same records (raw
+    data moved, a new builder version, other preprocessing) keeps the dataset's budget. Another
+    train split (other records or another split rule) is another dataset."""
+    path = Path(cache) / RECORDS_FILE
+    try:
+        with open(path, newline="") as fh:
+            rows = [(r["record_id"], r["patient_id"]) for r in csv.DictReader(fh) if r["split"] == "train"]
+    except (OSError, KeyError, csv.Error) as exc:
+        raise LedgerError(f"cannot read the train records of {path} for the privacy ledger ({exc})") from None
+    h = hashlib.sha256(b"fed-ecg train units v1\0")
+    for record_id, patient_id in sorted(rows):
+        h.update(record_id.encode() + b"\0" + patient_id.encode() + b"\n")
     return h.hexdigest()
 
 
