@@ -37,6 +37,9 @@ cache is synthetic data).
 
 from __future__ import annotations
 
+import re
+from pathlib import PurePath
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -131,6 +134,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         site, setting = resolve_site(context.node_config, cfg, str(msg.content["config"].get("site", "")))
     except (SiteRefused, VersionMismatch) as exc:
         return _refusal(msg, exc)
+    try:
+        if cfg.dp and not site_policy(context.node_config, cfg, site).evaluate:
+            raise PrivacyRefused("site policy dp-evaluate = false: under DP this site sends no evaluation "
+                                 "(its validation loss and AUROC are not noised)")
+    except ConfigError as exc:
+        return _refusal(msg, exc)
     cache = ensure_cache(site, setting, cfg)
     result = evaluate_site(cfg, cache, msg.content["arrays"].to_torch_state_dict(), _site_local(context, cfg, site))
     metrics = MetricRecord({
@@ -145,8 +154,25 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _refusal(msg: Message, exc: ValueError) -> Message:
+    """An error reply ``refused: <reason>``; the reason leaves without the site's file paths (a
+    path is cut to its file name); the full text stays in the site's log."""
     print(f"refused a {msg.metadata.message_type} message: {exc}", flush=True)
-    return Message(Error(code=REFUSED_CODE, reason=f"refused: {exc}"), reply_to=msg)
+    return Message(Error(code=REFUSED_CODE, reason=f"refused: {public_reason(str(exc))}"), reply_to=msg)
+
+
+_PATH = re.compile(r"(?<![\w.~])(?:~|/)[^\s'\"`,;()]*")
+
+
+def public_reason(text: str) -> str:
+    """``text`` with every absolute (or ``~``) path cut to its last component."""
+
+    def name(match: re.Match) -> str:
+        path = match.group(0)
+        tail = len(path) - len(path.rstrip(".:"))
+        core = path[: len(path) - tail] if tail else path
+        return (PurePath(core).name or "<path>") + path[len(core):]
+
+    return _PATH.sub(name, text)
 
 
 def _site_local(context: Context, cfg, site: str):

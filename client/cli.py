@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--dp-unit", choices=("record", "patient", "window"), default="record",
                         help="the smallest privacy unit this site accepts (default record; patient also "
                         "accepted then; window only when set here): a run asking a finer unit is refused")
+    policy.add_argument("--dp-no-evaluate", action="store_true",
+                        help="under DP, refuse evaluation messages (validation loss/AUROC are not noised)")
     parser.add_argument(
         "--dry-run", action="store_true",
         help="validate, print what this node would serve and the command, and exit",
@@ -301,6 +303,8 @@ def node_config(site: str, data: Path, args: argparse.Namespace | None = None) -
         out += " dp-required=true"
     if getattr(args, "dp_secure_mode", False):
         out += " dp-secure-mode=true"
+    if getattr(args, "dp_no_evaluate", False):
+        out += " dp-evaluate=false"
     if getattr(args, "dp_unit", "record") not in (None, "record"):
         out += f" dp-unit='{args.dp_unit}'"
     for flag in ("dp_max_epsilon", "dp_min_noise_multiplier", "dp_max_delta"):

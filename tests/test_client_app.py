@@ -182,7 +182,8 @@ def test_dp_epsilon_continues_from_the_site_ledger_and_no_train_loss_leaves(tmp_
     refused, _ = _train({**run_config, "site-policy": f"cinc: dp-max-epsilon={eps2 * 1.01:.6f}"},
                         config={"server-round": 3})
     assert refused.has_error() and refused.error.reason.startswith("refused: ")
-    assert "dp-max-epsilon" in refused.error.reason and str(path) in refused.error.reason
+    assert "dp-max-epsilon" in refused.error.reason and path.name in refused.error.reason
+    assert str(path.parent) not in refused.error.reason  # no site file paths leave (review finding 9)
     assert _ledger(tmp_path / "run")[1] == ledger  # nothing was spent by either
 
 
@@ -328,3 +329,28 @@ def test_the_site_policy_pins_the_privacy_unit(tmp_path):
     assert SitePolicy.from_mapping({"site": "ptb", "dp-unit": "patient"}, "node config").unit == "patient"
     with pytest.raises(ConfigError, match="dp-unit = 'visit'"):
         SitePolicy.from_mapping({"dp-unit": "visit"}, "node config")
+
+
+def test_policy_keys_are_checked_refusals_carry_no_paths_and_evaluation_can_be_refused(tmp_path):
+    """Review findings 8, 9, 14."""
+    import client.cli as client_cli
+    from client.app import public_reason
+    from shared.privacy import SitePolicy
+
+    with pytest.raises(ConfigError, match=r"unknown privacy policy key\(s\) \['dp-max-epsilion'\]"):
+        SitePolicy.from_mapping({"site": "ptb", "data": "/x", "dp-max-epsilion": 8}, "node config")
+    assert public_reason(f"privacy ledger {tmp_path}/privacy-ledger-ab.json is missing (ledger /a/b/c.json).") == \
+        "privacy ledger privacy-ledger-ab.json is missing (ledger c.json)."
+    assert public_reason("delta 0.5 is not below 1/N = 1/12") == "delta 0.5 is not below 1/N = 1/12"
+    args = client_cli.build_parser().parse_args(["--site", "ptb", "--data", str(tmp_path), "--dp-no-evaluate"])
+    assert " dp-evaluate=false" in client_cli.node_config("ptb", tmp_path, args)
+    def evaluate(run):
+        content = RecordDict({"arrays": _global_arrays(run), "config": ConfigRecord(
+            {"server-round": 1, "site": "cinc", **handshake(load_run_config(run))})})
+        context = make_context({"partition-id": 0, "num-partitions": 2}, run)
+        return client_app.evaluate(make_message(content, "evaluate"), context)
+
+    run = {**BASE, "dp": True, "site-policy": "cinc: dp-evaluate=false"}
+    reply = evaluate(run)
+    assert reply.has_error() and "dp-evaluate = false" in reply.error.reason
+    assert not evaluate({**run, "dp": False}).has_error()  # without DP nothing to protect

@@ -15,7 +15,11 @@ dp-min-noise-multiplier=1.2"``. Keys:
 * ``dp-unit`` (``record`` default, ``patient``, ``window``): the smallest privacy unit the site
   accepts. A run's ``dp-unit`` must cover at least this unit (window < record < patient: a
   patient-level guarantee covers each of the patient's records); ``window`` only when the site
-  sets it explicitly. The coordinator cannot lower it.
+  sets it explicitly. The coordinator cannot lower it;
+* ``dp-evaluate`` (bool, default true): false = under DP the site refuses evaluation messages
+  (their loss and AUROC on the validation split are not noised).
+
+A ``dp-*`` key that is none of these is refused (a misspelt limit must not vanish silently).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from shared.federation.run_config import ConfigError
 
 POLICY_KEYS = ("dp-required", "dp-max-epsilon", "dp-min-noise-multiplier", "dp-max-delta", "dp-secure-mode",
-               "dp-unit")
+               "dp-unit", "dp-evaluate")
 # Privacy units from the finest to the coarsest: a guarantee for a coarser unit covers the finer ones.
 UNIT_ORDER = ("window", "record", "patient")
 
@@ -44,13 +48,18 @@ class SitePolicy:
     max_delta: float | None = None
     secure_mode: bool = False
     unit: str = "record"
+    evaluate: bool = True
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> SitePolicy:
-        """Policy keys out of ``values`` (other keys ignored); ``where`` names the source in errors."""
+        """Policy keys out of ``values`` (keys not starting with ``dp-`` ignored; an unknown ``dp-*``
+        key is refused, so a misspelt policy is not silently dropped); ``where`` names the source."""
+        unknown = sorted(str(k) for k in values if str(k).startswith("dp-") and k not in POLICY_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown privacy policy key(s) {unknown}: the keys are {list(POLICY_KEYS)}")
 
-        def flag(key: str) -> bool:
-            v = values.get(key, False)
+        def flag(key: str, default: bool = False) -> bool:
+            v = values.get(key, default)
             if isinstance(v, str) and v.lower() in ("true", "false"):
                 return v.lower() == "true"
             if not isinstance(v, bool):
@@ -75,7 +84,8 @@ class SitePolicy:
             raise ConfigError(f"{where}: dp-unit = {unit!r} is invalid: must be one of {list(UNIT_ORDER)}")
         return cls(dp_required=flag("dp-required"), max_epsilon=positive("dp-max-epsilon"),
                    min_noise_multiplier=positive("dp-min-noise-multiplier"),
-                   max_delta=positive("dp-max-delta", 1.0), secure_mode=flag("dp-secure-mode"), unit=unit)
+                   max_delta=positive("dp-max-delta", 1.0), secure_mode=flag("dp-secure-mode"), unit=unit,
+                   evaluate=flag("dp-evaluate", True))
 
     def check_run(self, *, dp: bool, noise_multiplier: float, delta: float, unit: str = "record") -> None:
         """Refuse a run whose DP settings break this policy (before anything is trained)."""
