@@ -2,7 +2,7 @@
 ServerApp with Flower's ``Grid``; tests call it with a fake grid.
 
 Order: validate the config (done by the caller) -> output dir and, with ``resume``, the last
-checkpoint -> server-side copy of the test splits for the pooled-test AUROC (simulation, or a
+checkpoint -> server-side copy of the sites' caches for the pooled validation AUROC (simulation, or a
 coordinator holding every site's cache; prepares the synthetic caches before round 1) -> round 0
 (the initial model), while a node for every site is found (``server.assignment``: asked, with a deadline) -> ``strategy.start`` with
 :class:`server.rounds.RoundEnd` as ``evaluate_fn`` -> final table.
@@ -30,7 +30,7 @@ from server.strategies import build_strategy
 from server.summary import final_table, render, write_summary
 from shared.training import load_checkpoint
 
-POOLED_NOTE = ("server-side: the global model on the server's own copy of every site's test "
+POOLED_NOTE = ("server-side: the global model on the server's own copy of every site's validation "
                "split, predictions concatenated (simulation only)")
 
 
@@ -72,12 +72,12 @@ def pooled_caches(cfg: DictConfig, echo=print, *, simulation: bool = True) -> di
     settings = {s: site_cache_setting(cfg, s) for s in cfg.site_list}
     held = all(v and (Path(v).expanduser() / "manifest.json").is_file() for v in settings.values())
     if cfg.server_eval == "auto" and not held and not simulation:
-        echo("pooled-test AUROC off: the coordinator does not hold every site's cache (server-eval = auto; "
+        echo("pooled validation AUROC off: the coordinator does not hold every site's cache (server-eval = auto; "
              "set cache-<site> to the server's copies, or server-eval = \"on\")")
         return None
     if cfg.server_eval == "auto" and any(v and not (Path(v).expanduser() / "manifest.json").is_file()
                                          for v in settings.values()):
-        echo("pooled-test AUROC off: some site caches are not on the server (server-eval = auto)")
+        echo("pooled validation AUROC off: some site caches are not on the server (server-eval = auto)")
         return None
     return {site: ensure_cache(site, setting, cfg) for site, setting in settings.items()}
 

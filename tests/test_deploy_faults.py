@@ -156,7 +156,7 @@ def test_drop_rejoin_refusals_and_an_unreachable_minimum_in_one_deployment(feder
             f"{OTHER_VERSION}") in log, log
     assert "Receiving: train message" not in nodes["old-release"].log()
     # deployment default: the coordinator holds no site data, so no pooled evaluation
-    assert "pooled-test AUROC off" in log and "pooled" not in {r["site"] for r in rows}
+    assert "pooled validation AUROC off" in log and "pooled" not in {r["site"] for r in rows}
     from shared.training import load_checkpoint
 
     assert load_checkpoint(out_a / "checkpoint.pt")["round"] == 3
