@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.fab_guard import write_shim
+from client.fab_guard import interpreter_of, write_shim
 from shared import processes
 from shared.data.record import SITES
 
@@ -393,7 +393,7 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> int:
     # FAB before Flower installs it (client/fab_guard.py, docs/privacy.md).
     shim_dir = Path(tempfile.mkdtemp(prefix="fed-ecg-fab-guard-"))
     atexit.register(shutil.rmtree, shim_dir, ignore_errors=True)
-    write_shim(shim_dir)
+    write_shim(shim_dir, python=interpreter_of(shutil.which("flwr-clientapp", path=runtime_path())))
     env = dict(os.environ, PATH=runtime_path(shim_dir))
     # Flower telemetry is off unless the operator sets FLWR_TELEMETRY_ENABLED=1 themselves.
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -101,8 +101,24 @@ def install_guard() -> None:
     runtime.install_from_fab = guarded_install_from_fab
 
 
+def interpreter_of(script: str | Path | None) -> str | None:
+    """The Python interpreter named by a console script's ``#!`` line (None if there is none)."""
+    if not script:
+        return None
+    try:
+        with open(script, "rb") as fh:
+            first = fh.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!"):
+        return None
+    parts = first[2:].split()
+    return parts[0] if parts and "python" in Path(parts[0]).name and Path(parts[0]).is_file() else None
+
+
 def write_shim(directory: Path, python: str | None = None) -> Path:
-    """Write ``directory/flwr-clientapp``: runs this guard with ``python`` (this interpreter)."""
+    """Write ``directory/flwr-clientapp``: runs this guard with ``python``: the interpreter of the
+    real ``flwr-clientapp`` it stands in for (the one that has Flower), else this interpreter."""
     directory.mkdir(parents=True, exist_ok=True)
     shim = directory / SHIM_NAME
     shim.write_text(

@@ -8,7 +8,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -88,7 +87,12 @@ def test_the_guard_wraps_flowers_install_from_fab_and_refuses_before_installing(
 def test_runtime_path_puts_the_guard_first_and_the_shim_runs_it(tmp_path):
     import client.cli as client_cli
 
-    shim = write_shim(tmp_path / "shim")
+    from client.fab_guard import interpreter_of
+
+    real = shutil.which("flwr-clientapp", path=client_cli.runtime_path())
+    python = interpreter_of(real)  # the interpreter that has Flower (python -m client may run another)
+    assert python is not None, real
+    shim = write_shim(tmp_path / "shim", python=python)
     path = client_cli.runtime_path(tmp_path / "shim")
     assert shutil.which("flwr-clientapp", path=path) == str(shim)
     assert shutil.which("flwr-clientapp", path=client_cli.runtime_path()) != str(shim)
@@ -97,4 +101,4 @@ def test_runtime_path_puts_the_guard_first_and_the_shim_runs_it(tmp_path):
                          env=dict(os.environ, PATH=path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "--clientappio-api-address" in out.stdout or "runtime" in out.stdout.lower()
-    assert sys.executable in shim.read_text()
+    assert python in shim.read_text()
