@@ -88,6 +88,10 @@ def train(msg: Message, context: Context) -> Message:
         if cfg.dp and state_dir is None:
             raise PrivacyRefused("DP needs the site's state directory for its privacy ledger: start the node "
                                  "with `python -m client --state-dir DIR` (node config state-dir)")
+        if cfg.dp and "site" in context.node_config and not str(context.node_config.get("data", "") or ""):
+            # the run config's cache-<site> would let the coordinator pick the data (and the ledger)
+            raise PrivacyRefused("DP at a deployed site needs its own data path (node config data; "
+                                 "`python -m client --data`), not the run config's cache")
         outcome = train_site(
             cfg, cache, site, server_round, msg.content["arrays"].to_torch_state_dict(),
             site_local=_site_local(context, cfg, site), proximal_mu=float(config.get("proximal-mu", 0.0)),

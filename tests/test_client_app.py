@@ -306,6 +306,9 @@ def test_a_deployed_site_takes_its_policy_and_state_dir_from_its_own_node_config
     dp = {**BASE, "dp": True}
     reply, _ = _train(dp, context=make_context({"site": "cinc"}, dp))
     assert reply.has_error() and "--state-dir" in reply.error.reason
+    # nor does the coordinator's run config pick a deployed DP site's data (review finding 11)
+    reply, _ = _train(dp, context=make_context({"site": "cinc", "state-dir": str(tmp_path / "s")}, dp))
+    assert reply.has_error() and "node config data" in reply.error.reason
 
 
 def test_the_site_policy_pins_the_privacy_unit(tmp_path):
