@@ -266,20 +266,34 @@ def run_federated(cfg, caches, seed, chash, synthetic, preds_dir, *, method, str
                               chash=chash, synthetic=synthetic, sites=list(caches))
 
 
+# The DP figures a site reports (rounds.csv), kept at their value after the site's last round.
+DP_LAST = ("epsilon", "delta", "dp_sample_rate", "dp_noise_multiplier", "dp_max_grad_norm")
+
+
 def rounds_rows(path: Path, *, method, train_sites, seed, chash, synthetic, sites) -> list[dict]:
-    """The server's per-round numbers as ``round_<metric>`` rows, and each site's final epsilon."""
+    """The server's per-round numbers as ``round_<metric>`` rows and, under DP, each site's privacy
+    figures: epsilon and delta after its last round, the unit count ``dp_units_<unit>``, sample
+    rate, noise multiplier and clipping norm of its last round, and ``dp_steps`` (the run's steps)."""
     if not path.is_file():
         raise CompareError(f"{path}: the federated run wrote no rounds.csv")
-    rows, last_eps = [], {}
+    rows, last, steps = [], {}, {}
+    dp = method.endswith("+dp")
     with open(path, newline="") as fh:
         for r in csv.DictReader(fh):
             rnd, site, metric, value = int(r["round"]), r["site"], r["metric"], float(r["value"])
             rows.append(make_row(method=method, train_sites=train_sites, test_site=site, metric=f"round_{metric}",
                                  value=value, seed=seed, config_hash=chash, round=rnd, synthetic=synthetic))
-            if metric in ("epsilon", "delta") and site in sites:
-                if rnd >= last_eps.get((site, metric), (-1, 0))[0]:
-                    last_eps[(site, metric)] = (rnd, value)
-    for (site, metric), (rnd, value) in sorted(last_eps.items()):
+            if not dp or site not in sites:
+                continue
+            if metric in DP_LAST or metric.startswith("dp_units_"):
+                if rnd >= last.get((site, metric), (-1, 0))[0]:
+                    last[(site, metric)] = (rnd, value)
+            elif metric == "steps":
+                n, latest = steps.get(site, (0.0, -1))
+                steps[site] = (n + value, max(latest, rnd))
+    for site, (n, rnd) in steps.items():
+        last[(site, "dp_steps")] = (rnd, n)
+    for (site, metric), (rnd, value) in sorted(last.items()):
         rows.append(make_row(method=method, train_sites=train_sites, test_site=site, metric=metric, value=value,
                              seed=seed, config_hash=chash, round=rnd, synthetic=synthetic))
     return rows

@@ -148,3 +148,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error:") and "centralised" in err and "\n" not in err
     assert compare.main(["--config", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_dp_rows_carry_each_sites_privacy_figures_from_rounds_csv(tmp_path):
+    rounds = tmp_path / "rounds.csv"
+    rounds.write_text(
+        "round,site,metric,value\n"
+        "1,ptb,steps,10\n1,ptb,epsilon,1.5\n1,ptb,delta,0.001\n1,ptb,dp_units_record,90\n"
+        "1,ptb,dp_sample_rate,0.1\n1,ptb,dp_noise_multiplier,1.1\n1,ptb,dp_max_grad_norm,1.0\n"
+        "2,ptb,steps,10\n2,ptb,epsilon,2.5\n2,ptb,delta,0.001\n2,pooled,auroc_macro,0.7\n")
+    kw = dict(train_sites="ptb", seed=0, chash="abc", synthetic=True, sites=["ptb"])
+    final = {r["metric"]: r["value"] for r in compare.rounds_rows(rounds, method="federated-fedavg+dp", **kw)
+             if not r["metric"].startswith("round_")}
+    assert final == {"epsilon": 2.5, "delta": 0.001, "dp_units_record": 90.0, "dp_sample_rate": 0.1,
+                     "dp_noise_multiplier": 1.1, "dp_max_grad_norm": 1.0, "dp_steps": 20.0}
+    plain = compare.rounds_rows(rounds, method="federated-fedavg", **kw)
+    assert all(r["metric"].startswith("round_") for r in plain)

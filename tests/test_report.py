@@ -92,9 +92,12 @@ def _write_all(tmp_path, seeds=(0,), chash="abc"):
         preds.setdefault("pooled", {})[seed] = _write_run(rng, "pooled", ALL, 1.5, seed, csv, preds_dir, chash=chash)
         preds.setdefault("federated-fedavg", {})[seed] = _write_run(rng, "federated-fedavg", ALL, 1.2, seed, csv,
                                                                     preds_dir, chash=chash)
-        eps = [make_row(method="federated-fedavg+dp", train_sites=ALL, test_site=s, metric="epsilon",
-                        value=2.0 + i, seed=seed, config_hash=chash, round=3, synthetic=True)
-               for i, s in enumerate(SITES)]
+        dp_figures = {"epsilon": 2.0, "delta": 1e-3, "dp_units_record": 90.0, "dp_sample_rate": 1 / 45,
+                      "dp_steps": 135.0, "dp_noise_multiplier": 1.1, "dp_max_grad_norm": 1.0}
+        eps = [make_row(method="federated-fedavg+dp", train_sites=ALL, test_site=s, metric=metric,
+                        value=value + (i if metric == "epsilon" else 0), seed=seed, config_hash=chash, round=3,
+                        synthetic=True)
+               for i, s in enumerate(SITES) for metric, value in dp_figures.items()]
         per_round = [make_row(method="federated-fedavg", train_sites=ALL, test_site=s,
                               metric="round_auroc_macro", value=0.5 + 0.1 * r, seed=seed, config_hash=chash,
                               round=r, synthetic=True) for r in range(4) for s in [*SITES, "pooled"]]
@@ -344,3 +347,14 @@ def test_cli_reports_a_missing_file_in_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "none.csv"), str(tmp_path), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and "none.csv" in err and len(err.strip().splitlines()) == 1
+
+
+def test_privacy_table_states_unit_rate_steps_noise_clip_delta_and_epsilon_per_site(one_seed_report):
+    report, _, _ = one_seed_report
+    text = report.read_text()
+    header = "| method | site | unit | N | q | steps | noise | clip | delta | epsilon |"
+    assert header in text
+    table = text[text.index(header):]
+    row = next(line for line in table.splitlines() if line.startswith(f"| federated-fedavg+dp | {SITES[1]} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:] == ["record", "90", "0.02222", "135", "1.1", "1", "0.001", "3.000"], row

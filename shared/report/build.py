@@ -55,6 +55,10 @@ def method_order(methods) -> list[str]:
     return sorted(set(methods), key=key)
 
 
+def _fmt_g(value: float) -> str:
+    return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+
+
 def _fmt(v: float) -> str:
     return "n/a" if v is None or np.isnan(v) else f"{v:.3f}"
 
@@ -423,18 +427,29 @@ class Report:
         lines = [
             f"### Privacy spent per site (DP-SGD, Opacus){self.tag}",
             "",
-            "Cumulative epsilon over every round the site trained in, at the delta shown (mean over seeds).",
+            "Per site: the privacy unit and their number N, the Poisson sample rate q, the optimiser "
+            "steps of the run, the noise multiplier, the clipping norm, and the (epsilon, delta) spent "
+            "on the site's dataset after its last round (from its ledger; mean over seeds). "
+            "See docs/privacy.md.",
             "",
-            "| method | " + " | ".join(self.sites) + " | delta |",
-            "|---|" + "---|" * (len(self.sites) + 1),
+            "| method | site | unit | N | q | steps | noise | clip | delta | epsilon |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+
+        def mean(rows, metric):
+            values = [r["value"] for r in rows if r["metric"] == metric]
+            return float(np.mean(values)) if values else float("nan")
+
         for method in dp_methods:
-            rows = [r for r in self.final if r["method"] == method]
-            eps = [np.mean([r["value"] for r in rows if r["test_site"] == s and r["metric"] == "epsilon"] or [np.nan])
-                   for s in self.sites]
-            deltas = {r["value"] for r in rows if r["metric"] == "delta"}
-            delta = ", ".join(f"{d:g}" for d in sorted(deltas)) or "n/a"
-            lines.append(f"| {method} | " + " | ".join(_fmt(e) for e in eps) + f" | {delta} |")
+            for site in self.sites:
+                rows = [r for r in self.final if r["method"] == method and r["test_site"] == site]
+                units = sorted({r["metric"][len("dp_units_"):] for r in rows if r["metric"].startswith("dp_units_")})
+                unit = ", ".join(units) or "n/a"
+                n_units = mean(rows, f"dp_units_{units[0]}") if len(units) == 1 else float("nan")
+                cells = [unit, _fmt_g(n_units), _fmt_g(mean(rows, "dp_sample_rate")), _fmt_g(mean(rows, "dp_steps")),
+                         _fmt_g(mean(rows, "dp_noise_multiplier")), _fmt_g(mean(rows, "dp_max_grad_norm")),
+                         _fmt_g(mean(rows, "delta")), _fmt(mean(rows, "epsilon"))]
+                lines.append(f"| {method} | {site} | " + " | ".join(cells) + " |")
         return lines
 
     # ------------------------------------------------------------------ plots
