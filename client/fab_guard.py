@@ -124,7 +124,9 @@ def write_shim(directory: Path, python: str | None = None) -> Path:
     shim.write_text(
         "#!/bin/sh\n"
         "# fed-ecg: the site's guard on the coordinator's FAB (client/fab_guard.py), then Flower's flwr-clientapp.\n"
-        f"exec {shlex.quote(python or sys.executable)} -m client.fab_guard \"$@\"\n"
+        # -P: no working directory on sys.path, as for Flower's own console script (else a
+        # module or a package's metadata in the node's working directory would come first)
+        f"exec {shlex.quote(python or sys.executable)} -P -m client.fab_guard \"$@\"\n"
     )
     shim.chmod(0o755)
     return shim

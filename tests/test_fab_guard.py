@@ -102,3 +102,11 @@ def test_runtime_path_puts_the_guard_first_and_the_shim_runs_it(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "--clientappio-api-address" in out.stdout or "runtime" in out.stdout.lower()
     assert python in shim.read_text()
+    # the node's working directory is not on the guard's sys.path: a package there (or another
+    # distribution's metadata) does not shadow the installed code
+    workdir = tmp_path / "workdir"
+    (workdir / "client").mkdir(parents=True)
+    (workdir / "client" / "__init__.py").write_text("raise SystemExit('the working directory was imported')\n")
+    out = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PATH=path), cwd=workdir)
+    assert out.returncode == 0, out.stderr
