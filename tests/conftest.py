@@ -13,6 +13,17 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SLOW_GROUP = "flower-processes"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (the README's test command) every ``slow`` test - a
+    Flower simulation or a real SuperLink/SuperNode deployment - runs on one worker, one at a
+    time, while the unit tests share the other: two deployments never compete for the cores,
+    and their waits (heartbeats, deadlines) overlap with unit tests instead of idling."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group(SLOW_GROUP))
 KIT_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
