@@ -47,7 +47,8 @@ def fedavg(states: list[dict], weights: list[int]) -> dict:
 
 
 def pooled_auroc(cfg, caches: dict[str, Path], state) -> float:
-    results = [evaluate_site(cfg, cache, state) for cache in caches.values()]
+    """Macro AUROC of the final model on every site's test split, predictions concatenated."""
+    results = [evaluate_site(cfg, cache, state, split="test") for cache in caches.values()]
     _, macro = masked_macro_auroc(*(np.concatenate([getattr(r, k) for r in results]) for k in ("probs", "targets", "mask")))
     return float(macro)
 
