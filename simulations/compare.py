@@ -235,7 +235,7 @@ def federation_run_config(cfg: DictConfig, caches: dict[str, Path], strategy: st
         "strategy": strategy, "lr": float(cfg.lr), "batch-size": int(cfg.batch_size),
         "weight-decay": float(cfg.weight_decay), "proximal-mu": float(cfg.proximal_mu),
         "server-lr": float(cfg.server_lr), "seed": int(seed), "device": str(cfg.device),
-        "dp": bool(dp), "out-dir": str(run_dir), "resume": False,
+        "dp": bool(dp), "out-dir": str(Path(run_dir).resolve()), "resume": False,
     }
     for site, path in caches.items():
         rc[f"cache-{site}"] = str(path)
