@@ -36,6 +36,8 @@ import time
 
 import torch
 
+from shared.models import parse_overrides
+
 
 def matmul_gflops(threads: int, device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
     torch.set_num_threads(threads)
@@ -162,13 +164,7 @@ def main() -> int:
         print(json.dumps(run_child(json.loads(args.child))))
         return 0
 
-    overrides = {}
-    for pair in args.set:
-        k, _, v = pair.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
+    overrides = parse_overrides(args.set)
     mm_dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = matmul_gflops(args.threads, args.device, mm_dtype)
     print(json.dumps({"matmul_2048_gflop_s": peak, "dtype": str(mm_dtype), "device": args.device, "threads": args.threads}))

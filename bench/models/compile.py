@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from shared.models import parse_overrides
+
 
 def build(name: str, preset: str, overrides: dict) -> tuple[torch.nn.Module, int, int, int]:
     from shared.models import build_model, get_preset
@@ -105,13 +107,7 @@ def main() -> int:
                     help="torch._inductor.config.fallback_random: random numbers from aten's generators")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for pair in args.set:
-        key, _, value = pair.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = parse_overrides(args.set)
     if args.fallback_random:
         from torch._inductor import config as inductor_config
 

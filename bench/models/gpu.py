@@ -58,6 +58,18 @@ def median_seconds(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def warm_then_time(fn, steps: int, device: torch.device) -> tuple[float, float, float]:
+    """``(warm-up seconds, median seconds per call, peak GiB)``: 3 untimed calls (compilation
+    happens there), then ``steps`` timed calls with the peak-memory counter reset."""
+    t = time.perf_counter()
+    for _ in range(3):
+        fn()
+    sync(device)
+    warm = time.perf_counter() - t
+    reset_peak(device)
+    return warm, median_seconds(fn, steps, device), peak_gib(device)
+
+
 def matmul_tflops(device: torch.device, n: int) -> float:
     """bf16 ``n x n @ n x n`` TFLOP/s, median of 10 after 3 warm-ups."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -95,24 +107,10 @@ def measure(name: str, preset: str, compiled: bool, device: torch.device, batch:
             net(x)
 
     model.train()
-    t = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation)
-        train()
-    sync(device)
-    warm_train = time.perf_counter() - t
-    reset_peak(device)
-    t_train = median_seconds(train, steps, device)
-    train_peak = peak_gib(device)
+    warm_train, t_train, train_peak = warm_then_time(train, steps, device)
     opt.zero_grad(set_to_none=True)
     model.eval()
-    t = time.perf_counter()
-    for _ in range(3):
-        infer()
-    sync(device)
-    warm_infer = time.perf_counter() - t
-    reset_peak(device)
-    t_infer = median_seconds(infer, steps, device)
-    infer_peak = peak_gib(device)
+    warm_infer, t_infer, infer_peak = warm_then_time(infer, steps, device)
     del net, model, opt
     gc.collect()
     torch._dynamo.reset()

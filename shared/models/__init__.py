@@ -9,7 +9,7 @@ returns an ``nn.Module`` mapping ``x [B, leads, L]`` to logits ``[B, K]``, with 
 
 from __future__ import annotations
 
-from .factory import build_model, get_preset, list_models, preset_input_samples, rebuild_model
+from .factory import build_model, get_preset, list_models, parse_overrides, preset_input_samples, rebuild_model
 from .registry import MODEL_REGISTRY
 from .state import arrays_to_state, load_checkpoint, save_checkpoint, state_keys, state_to_arrays
 
@@ -18,6 +18,6 @@ PRESETS = {name: entry.presets for name, entry in MODEL_REGISTRY.items()}
 
 __all__ = [
     "MODEL_REGISTRY", "PRESETS", "arrays_to_state", "build_model", "get_preset", "list_models",
-    "load_checkpoint", "preset_input_samples", "rebuild_model", "save_checkpoint", "state_keys",
+    "load_checkpoint", "parse_overrides", "preset_input_samples", "rebuild_model", "save_checkpoint", "state_keys",
     "state_to_arrays",
 ]

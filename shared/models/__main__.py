@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .factory import build_model, get_preset, list_models
+from .factory import build_model, get_preset, list_models, parse_overrides
 
 
 def count_forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -62,26 +62,13 @@ def model_summary(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def _parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _build_from_args(args: argparse.Namespace) -> torch.nn.Module:
     preset = get_preset(args.model, args.preset)
     fs = args.fs if args.fs is not None else preset["fs"]
     seconds = args.seconds if args.seconds is not None else preset["seconds"]
     if fs <= 0 or seconds <= 0:
         raise ValueError(f"--fs and --seconds must be positive, got {fs} and {seconds}")
-    overrides = _parse_overrides(args.set or [])
+    overrides = parse_overrides(args.set or [])
     return build_model(
         args.model, args.preset,
         n_leads=args.leads if args.leads is not None else preset["n_leads"],

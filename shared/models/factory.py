@@ -7,6 +7,7 @@ builds the same architecture again (checkpoints store it beside the weights).
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from torch import nn
@@ -36,6 +37,21 @@ def preset_input_samples(name: str, preset: str) -> int:
     """Input length (samples) a preset is meant for: ``fs x seconds``."""
     p = get_preset(name, preset)
     return int(round(p["fs"] * p["seconds"]))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["dropout=0", 'augmentations=["none"]', "attention=differential"]`` -> overrides for
+    :func:`build_model`: each ``KEY=VALUE`` with VALUE read as JSON, else kept as a string."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _jsonable(value: Any) -> Any:
