@@ -237,3 +237,19 @@ def test_data_config_without_preprocess_means_the_cache_defaults():
     assert preprocess_config_of({"fs": 250.0, "window_samples": 2500}) == PreprocessConfig()
     custom = PreprocessConfig(fs=100.0, bandpass=(1.0, 40.0)).as_dict()
     assert preprocess_config_of({"preprocess": custom}) == PreprocessConfig(fs=100.0, bandpass=(1.0, 40.0))
+
+
+def test_an_empty_split_scores_nan_not_half_and_not_an_error():
+    class EmptySplit(torch.utils.data.Dataset):
+        n_classes = 2
+        item_record: list[int] = []
+
+        def __len__(self) -> int:
+            return 0
+
+        def __getitem__(self, i):
+            raise IndexError(i)
+
+    result = evaluate_model(TinyEcgNet(), EmptySplit())
+    assert result.num_examples == 0 and math.isnan(result.loss) and math.isnan(result.auroc_macro)
+    assert result.probs.shape == (0, 2) and np.isnan(result.auroc_per_class).all()

@@ -201,12 +201,5 @@ def evaluate_site(cfg: DictConfig, cache: Path, global_state: Mapping[str, torch
     device = select_device(str(cfg.device))
     model.to(device)
     dataset = WindowDataset(cache, split, crop_samples=input_samples(cfg), train=False)
-    if len(dataset) == 0:  # a tiny cache can have an empty split: nothing to score, NaN (never 0.5)
-        import numpy as np
-
-        k = dataset.n_classes
-        return EvalResult(loss=float("nan"), auroc_per_class=np.full(k, np.nan), auroc_macro=float("nan"),
-                          num_examples=0, record_ids=np.array([], dtype=str), probs=np.zeros((0, k), np.float32),
-                          targets=np.zeros((0, k), np.float32), mask=np.zeros((0, k), np.float32))
     return evaluate_model(model, dataset, device=device, batch_size=max(int(cfg.batch_size), 64),
                           bf16=device.type == "cuda")

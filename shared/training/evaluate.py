@@ -82,6 +82,13 @@ def predict_items(
 def evaluate_model(
     model: nn.Module, dataset: Dataset, *, device="cpu", batch_size: int = 64, bf16: bool = False
 ) -> EvalResult:
+    """Record-level predictions and AUROC of ``model`` on ``dataset``. An empty split (a tiny
+    cache can have one) scores nothing: NaN loss and AUROC, never 0.5 and never an error."""
+    if len(dataset) == 0:
+        k = int(dataset.n_classes)
+        return EvalResult(loss=float("nan"), auroc_per_class=np.full(k, np.nan), auroc_macro=float("nan"),
+                          num_examples=0, record_ids=np.array([], dtype=str), probs=np.zeros((0, k), np.float32),
+                          targets=np.zeros((0, k), np.float32), mask=np.zeros((0, k), np.float32))
     item_probs, item_targets, item_mask, loss = predict_items(
         model, dataset, device=device, batch_size=batch_size, bf16=bf16
     )
