@@ -37,6 +37,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_CONNECT = 3  # the SuperLink could not be reached or refused this node
 EXIT_SUPERNODE = 4  # flower-supernode failed for another reason
+PORT_ATTEMPTS = 3  # SuperNode starts when the automatically chosen runtime port is taken meanwhile
 
 # flower-supernode prints this exit code when it gives up connecting (see flwr ref-exit-codes/305).
 FLWR_EXIT_CONNECTION_FAILED = 305
@@ -133,7 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(describe(args, site_data, command))
         return EXIT_OK
-    return run_supernode(command, args)
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        code, port_taken = run_supernode(command, args)
+        # A free port chosen here can be taken by another process before the SuperNode binds it:
+        # choose another (the operator's own --runtime-port is never changed).
+        if not (port_taken and not args.runtime_port and attempt < PORT_ATTEMPTS):
+            return code
+        print("python -m client: the runtime port was taken before the SuperNode could bind it; "
+              "starting again on another free port", file=sys.stderr, flush=True)
+        command = supernode_command(args, site_data)
+    return code
 
 
 # ---------------------------------------------------------------- validation
@@ -386,9 +396,10 @@ def _quote(text: str) -> str:
 # ---------------------------------------------------------------- running it
 
 
-def run_supernode(command: list[str], args: argparse.Namespace) -> int:
+def run_supernode(command: list[str], args: argparse.Namespace) -> tuple[int, bool]:
     """Run flower-supernode in the foreground, pass its output through, forward SIGTERM/SIGINT,
-    and turn a connection failure into a message that says what to check."""
+    and turn a failure into a message that says what to check. Returns (exit code, whether the
+    runtime port was already in use)."""
     # The FAB guard: flwr-clientapp, first on the SuperNode's PATH, validates the coordinator's
     # FAB before Flower installs it (client/fab_guard.py, docs/privacy.md).
     shim_dir = Path(tempfile.mkdtemp(prefix="fed-ecg-fab-guard-"))
@@ -426,17 +437,20 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> int:
     rc = proc.wait()
     pump.join(timeout=5)
     if rc == 0 or rc < 0:  # clean exit, or stopped by a signal we forwarded
-        return EXIT_OK if rc == 0 else 128 - rc
+        return (EXIT_OK if rc == 0 else 128 - rc), False
     hint = diagnose(rc, list(tail), args)
     print(f"python -m client: error: {hint}", file=sys.stderr)
-    return EXIT_CONNECT if connection_failed(rc, list(tail)) else EXIT_SUPERNODE
+    return (EXIT_CONNECT if connection_failed(list(tail)) else EXIT_SUPERNODE), runtime_port_taken(list(tail))
 
 
-def connection_failed(rc: int, tail: list[str]) -> bool:
-    """Flower's exit code 305 (seen as 305 % 256 by the parent, and printed in the log)."""
-    return rc == FLWR_EXIT_CONNECTION_FAILED % 256 or any(
-        f"Exit Code: {FLWR_EXIT_CONNECTION_FAILED}" in line for line in tail
-    )
+def connection_failed(tail: list[str]) -> bool:
+    """Flower's exit code 305, as printed in the log (the process itself exits with status 1)."""
+    return any(f"Exit Code: {FLWR_EXIT_CONNECTION_FAILED}" in line for line in tail)
+
+
+def runtime_port_taken(tail: list[str]) -> bool:
+    """The SuperNode's runtime HTTP API (uvicorn) could not bind its port."""
+    return any("address already in use" in line.lower() for line in tail)
 
 
 def _pump(stream: Any, tail: deque[str]) -> None:
@@ -474,7 +488,12 @@ def diagnose(rc: int, tail: list[str], args: argparse.Namespace) -> str:
         )
     if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
         return f"{where} does not speak TLS: it was started with --insecure (dev only)"
-    if connection_failed(rc, tail):
+    if runtime_port_taken(tail):
+        return (
+            f"the SuperNode's local runtime port ({args.runtime_port or 'chosen automatically'}) on "
+            "127.0.0.1 is already in use: pass a free one with --runtime-port, or leave it out"
+        )
+    if connection_failed(tail):
         return (
             f"could not reach {where} (gave up after the retry limit: --max-wait "
             f"{args.max_wait:g}s). Check that the coordinator's SuperLink is running, the host "

@@ -326,6 +326,34 @@ def test_client_refuses_an_ed25519_key(capsys, small_cache, certs, tmp_path):
     assert rc == 2 and "use an ECDSA key" in err
 
 
+@pytest.mark.slow
+def test_client_starts_again_when_its_runtime_port_is_taken_meanwhile(capsys, small_cache, monkeypatch):
+    """A free port chosen by ``python -m client`` can be taken before flower-supernode binds it
+    (seen once in CI, five nodes starting together). The wrapper then starts the SuperNode again
+    on another free port; a port the operator chose is never changed. Real flower-supernode
+    processes; nothing listens at the SuperLink address, so each ends on the retry limit."""
+    import socket
+
+    from shared import processes
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        picks = iter([port])
+        real_free_port = processes.free_port
+        monkeypatch.setattr(processes, "free_port", lambda *a: next(picks, None) or real_free_port(*a))
+        argv = ["--site", "ptb", "--data", str(small_cache), "--insecure", "--max-wait", "1",
+                "--superlink", f"127.0.0.1:{real_free_port()}"]
+        rc, _, err = run_client(capsys, *argv)
+        assert "starting again on another free port" in err, err
+        assert rc == client_cli.EXIT_CONNECT and "could not reach SuperLink" in err, err
+        # the operator's own port: no second start, and the message names the flag
+        rc, _, err = run_client(capsys, *argv, "--runtime-port", str(port))
+        assert rc == client_cli.EXIT_SUPERNODE, err
+        assert "starting again" not in err and "already in use: pass a free one with --runtime-port" in err, err
+
+
 def test_server_connection_writes_flwr_config(tmp_path, monkeypatch, certs, capsys):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert server_cli.main(["connection", "fed", "--address", "coord.example.org:9092",
