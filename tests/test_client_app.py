@@ -55,6 +55,7 @@ def _train(run_config, *, site="cinc", context=None, config=None, arrays=None):
     ({"num-server-rounds": 0}, "num-server-rounds"),
     ({"sites": "ptb,nowhere"}, "sites"),
     ({"dp-delta": 1.5}, "dp-delta"),
+    ({"dp-warmup-steps": -1}, "dp-warmup-steps"),
     ({"learning-rate": 0.1}, "learning-rate"),
     ({"resume": True}, "resume"),
 ])

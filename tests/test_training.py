@@ -46,6 +46,28 @@ def test_local_training_learns_and_counts_steps():
     assert after.auroc_per_class[0] > 0.9  # class 0 is a mean shift: easy to learn
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_warmup_scales_the_first_steps_of_each_call(dp):
+    """AdamW's first step moves each weight by about lr (its bias-corrected ratio is +-1); with
+    ``warmup_steps`` W the first step moves it by lr / W, step k by k lr / W until W. Under DP
+    (``dp-warmup-steps``) the schedule counts logical steps, so a fresh call per round starts small
+    instead of with a full-size step in the direction of the noise."""
+    lr = 0.05
+    data = ArrayDataset(n=32)
+    for warmup, first_step in ((0, lr), (10, lr / 10)):
+        torch.manual_seed(0)
+        model = TinyEcgNet()
+        before = _params(model)
+        dp_cfg = DPConfig(noise_multiplier=1.0, delta=1e-3) if dp else None
+        # one epoch at batch 32 of 32 items: one optimiser step (DP: Poisson, one step per epoch)
+        cfg = TrainConfig(epochs=1, lr=lr, batch_size=32, device="cpu", dp=dp_cfg, warmup_steps=warmup)
+        assert train_local(model, data, cfg).steps == 1
+        moved = (_params(model) - before).abs().max().item()
+        assert moved == pytest.approx(first_step, rel=0.05), (warmup, moved)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=-1)
+
+
 def test_same_seed_same_weights():
     data = ArrayDataset(n=32)
     cfg = TrainConfig(epochs=2, batch_size=8, seed=3, device="cpu")

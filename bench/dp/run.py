@@ -17,7 +17,7 @@ The federation is driven in this process, not through Flower: every round each s
 ledger directory: the accountant history is kept here), then the FedAvg weighted average
 (``num-examples``). Flower adds no computation to what is measured (see bench/fl).
 
-    python -m bench.dp.run [--records 400] [--rounds 4] [--epsilons 1,3,10] [--json out.json]
+    python -m bench.dp.run [--records 2000] [--rounds 8] [--epsilons 1,3,10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from shared.federation.quiet import quiet_third_party_warnings
-from shared.federation.run_config import load_run_config
+from shared.federation.run_config import DEFAULTS, load_run_config
 from shared.federation.site_data import ensure_cache
 from shared.federation.site_training import evaluate_site, new_model, train_site
 from shared.metrics import masked_macro_auroc
@@ -124,12 +124,15 @@ def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--records", type=int, default=400, help="synthetic records per site")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--dp-batch-size", type=int, default=128, help="DP logical batch (expected Poisson sample)")
-    p.add_argument("--dp-lr", type=float, default=3e-3)
-    p.add_argument("--dp-clip", type=float, default=1.0)
+    p.add_argument("--records", type=int, default=2000, help="synthetic records per site")
+    # every other default is the simulation's (shared.federation.run_config.DEFAULTS)
+    p.add_argument("--rounds", type=int, default=DEFAULTS["num-server-rounds"])
+    p.add_argument("--local-epochs", type=int, default=DEFAULTS["local-epochs"],
+                   help="local epochs per round, with and without DP (dp-local-epochs 0)")
+    p.add_argument("--dp-batch-size", type=int, default=DEFAULTS["dp-batch-size"],
+                   help="DP logical batch (expected Poisson sample)")
+    p.add_argument("--dp-lr", type=float, default=DEFAULTS["dp-lr"])
+    p.add_argument("--dp-clip", type=float, default=DEFAULTS["dp-max-grad-norm"])
     p.add_argument("--epsilons", default="1,3,10")
     p.add_argument("--step-batch", type=int, default=64)
     p.add_argument("--step-repeats", type=int, default=2)
@@ -138,6 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="where the pooled AUROC is scored: test (the figure), val (to choose settings)")
     p.add_argument("--no-step-time", action="store_true", help="skip the step-time measurement")
+    p.add_argument("--only-step-time", action="store_true", help="measure the step times and stop")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     quiet_third_party_warnings(False)
@@ -153,6 +157,10 @@ def main(argv=None) -> int:
         plain_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=False)
         dp_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=True)
         print(f"step time, batch {args.step_batch}: plain {plain_step:.3f} s, DP {dp_step:.3f} s", flush=True)
+        if args.only_step_time:
+            print(f"DP/plain {dp_step / plain_step:.2f}x; load average before {load_before[0]:.2f}, "
+                  f"after {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
+            return 0
     where = f"pooled-{args.split}"
     runs = [federate(base, caches, None, args.split)]
     print(f"no DP: {where} macro AUROC {runs[0]['auroc']:.3f} ({runs[0]['seconds']:.0f} s)", flush=True)
@@ -165,7 +173,8 @@ def main(argv=None) -> int:
     print()
     print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, FedAvg, 4 sites x {args.records} records, "
           f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: unit record, logical batch "
-          f"{args.dp_batch_size}, lr {args.dp_lr:g}, clip {args.dp_clip:g}, delta 1/(10 N)")
+          f"{args.dp_batch_size}, lr {args.dp_lr:g} (warm-up {DEFAULTS['dp-warmup-steps']} steps per round), "
+          f"clip {args.dp_clip:g}, delta 1/(10 N)")
     print(f"| run | epsilon per site (after all rounds) | noise multiplier | {where} macro AUROC | cost vs no DP |")
     print("|---|---|---|---|---|")
     print(f"| no DP | - | - | {plain:.3f} | - |")

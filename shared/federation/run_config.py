@@ -52,9 +52,10 @@ DEFAULTS: dict[str, Any] = {
     "dp-delta": 0.0,
     "dp-epsilon-budget": 0.0,
     "dp-unit": "record",
-    "dp-batch-size": 64,
-    "dp-lr": 0.003,
+    "dp-batch-size": 128,
+    "dp-lr": 0.01,
     "dp-local-epochs": 0,
+    "dp-warmup-steps": 10,
     "dp-max-physical-batch": 128,
     "dp-secure-mode": False,
     "site-policy": "",
@@ -145,6 +146,7 @@ def _validate(cfg: DictConfig) -> None:
     need(_is_int(cfg.dp_batch_size) and cfg.dp_batch_size >= 1, "dp-batch-size", "must be an integer >= 1")
     need(_is_num(cfg.dp_lr) and cfg.dp_lr > 0, "dp-lr", "must be > 0")
     need(_is_int(cfg.dp_local_epochs) and cfg.dp_local_epochs >= 0, "dp-local-epochs", "must be an integer >= 0 (0 = local-epochs)")
+    need(_is_int(cfg.dp_warmup_steps) and cfg.dp_warmup_steps >= 0, "dp-warmup-steps", "must be an integer >= 0 (0 = none)")
     need(_is_int(cfg.dp_max_physical_batch) and cfg.dp_max_physical_batch >= 1, "dp-max-physical-batch", "must be an integer >= 1")
     need(isinstance(cfg.dp_secure_mode, bool), "dp-secure-mode", "must be true or false")
     need(isinstance(cfg.site_policy, str), "site-policy", "must be a string like 'mimic: dp-required=true dp-max-epsilon=8; ptb: ...'")

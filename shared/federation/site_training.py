@@ -180,7 +180,7 @@ def _train(cfg, cache, seed, global_state, site_local, proximal_mu, *, unit, dp,
     train_cfg = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=float(cfg.weight_decay),
         proximal_mu=float(proximal_mu), seed=seed, device=str(cfg.device), dp=dp,
-        max_physical_batch=int(cfg.dp_max_physical_batch),
+        max_physical_batch=int(cfg.dp_max_physical_batch), warmup_steps=int(cfg.dp_warmup_steps) if dp else 0,
     )
     result = train_local(model, dataset, train_cfg, global_arrays=None, dp_state=dp_state)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

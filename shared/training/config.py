@@ -47,7 +47,11 @@ class TrainConfig:
     ``1 / ceil(N / batch_size)``); ``max_physical_batch`` bounds what is in memory at once, and the
     random draws come from the site's secret, not ``seed``. ``grad_clip`` (global-norm clipping) applies without DP only; under DP the per-sample clipping
     is ``dp.max_grad_norm``. ``bf16`` autocast is used on CUDA devices that support it, never on
-    CPU and never under DP.
+    CPU and never under DP. ``warmup_steps``: the learning rate rises linearly from ``lr /
+    warmup_steps`` to ``lr`` over the call's first optimiser steps (0 = none). Each call starts a
+    fresh AdamW, whose first bias-corrected steps move every weight by about ``lr`` in the sign of
+    the gradient; under DP that gradient is mostly noise, so each federated round would start
+    with a random step of full size (docs/privacy.md, "Benchmark").
     """
 
     epochs: int = 1
@@ -62,6 +66,7 @@ class TrainConfig:
     dp: DPConfig | None = None
     num_workers: int = 0
     max_physical_batch: int = 128  # DP only: the most items in memory at once (BatchMemoryManager)
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):
@@ -76,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.proximal_mu must be >= 0, got {self.proximal_mu}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.max_physical_batch < 1:
             raise ValueError(f"TrainConfig.max_physical_batch must be >= 1, got {self.max_physical_batch}")
         if self.device not in DEVICES:

@@ -80,11 +80,13 @@ def train_local(
     )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(int(cfg.warmup_steps), 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
 
     if cfg.dp is None:
-        steps, mean_loss = _run_epochs(model, loader, optimizer, cfg, device, reference, dp=False)
+        steps, mean_loss = _run_epochs(model, loader, optimizer, schedule, cfg, device, reference, dp=False)
         return TrainResult(num_examples=n, steps=steps, mean_loss=mean_loss)
-    return _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n)
+    return _train_private(model, loader, optimizer, schedule, cfg, device, reference, dp_state, n)
 
 
 def check_delta(delta: float, n_units: int) -> None:
@@ -117,7 +119,7 @@ def check_private_trainable(model: nn.Module, dp) -> None:
                          "package, which is not installed here)") from None
 
 
-def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n) -> TrainResult:
+def _train_private(model, loader, optimizer, schedule, cfg, device, reference, dp_state, n) -> TrainResult:
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -178,7 +180,7 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
             with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=cfg.max_physical_batch,
                                     optimizer=private_optimizer) as memory_loader:
                 _, mean_loss = _run_epochs(
-                    private_model, memory_loader, private_optimizer, cfg, device, reference, dp=True
+                    private_model, memory_loader, private_optimizer, schedule, cfg, device, reference, dp=True
                 )
     finally:
         private_model.to_standard_module()  # removes Opacus hooks; ``model`` keeps the weights
@@ -195,7 +197,7 @@ def _train_private(model, loader, optimizer, cfg, device, reference, dp_state, n
     )
 
 
-def _run_epochs(model, loader, optimizer, cfg, device, reference, *, dp: bool) -> tuple[int, float]:
+def _run_epochs(model, loader, optimizer, schedule, cfg, device, reference, *, dp: bool) -> tuple[int, float]:
     use_autocast = cfg.bf16 and not dp
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(cfg.epochs):
@@ -211,11 +213,13 @@ def _run_epochs(model, loader, optimizer, cfg, device, reference, *, dp: bool) -
                 if optimizer.pre_step():
                     _add_proximal_gradient(model, reference, cfg.proximal_mu)
                     optimizer.original_optimizer.step()
+                    schedule.step()
             else:
                 _add_proximal_gradient(model, reference, cfg.proximal_mu)
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
+                schedule.step()
             steps += 1
             b = int(x.shape[0])
             if b > 0 and torch.isfinite(loss):
