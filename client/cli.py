@@ -37,7 +37,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_CONNECT = 3  # the SuperLink could not be reached or refused this node
 EXIT_SUPERNODE = 4  # flower-supernode failed for another reason
-PORT_ATTEMPTS = 3  # SuperNode starts when the automatically chosen runtime port is taken meanwhile
+PORT_ATTEMPTS = 3  # SuperNode starts, when an automatically chosen runtime port is taken before it binds
 
 # flower-supernode prints this exit code when it gives up connecting (see flwr ref-exit-codes/305).
 FLWR_EXIT_CONNECTION_FAILED = 305
