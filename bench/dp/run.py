@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +61,23 @@ def train_units(cfg, cache: Path) -> int:
     return len(WindowDataset(cache, "train", crop_samples=input_samples(cfg), train=True, unit=str(cfg.dp_unit)))
 
 
-def noise_for(target: float, n_units: int, cfg) -> tuple[float, float]:
-    """(noise multiplier, delta) reaching ``target`` epsilon after every round at a site of ``n_units``."""
+def noise_multiplier_for(target: float, n_units: int, batch: int, epochs: int) -> float:
+    """The smallest noise multiplier reaching ``target`` epsilon after ``epochs`` epochs of Poisson
+    batches of expected size ``batch`` over ``n_units`` units (delta 1/(10 N), RDP accountant)."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    q, steps = sample_rate_and_steps(n_units, batch, epochs)
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=1.0 / (10 * n_units), sample_rate=q,
+                                          steps=steps, accountant="rdp", epsilon_tolerance=0.01))
+
+
+def noise_for(target: float, n_units: int, cfg) -> tuple[float, float]:
+    """(noise multiplier, delta) reaching ``target`` epsilon after every round at a site of ``n_units``."""
     epochs = int(cfg.dp_local_epochs) or int(cfg.local_epochs)
-    q, steps_per_round = sample_rate_and_steps(n_units, int(cfg.dp_batch_size), epochs)
-    delta = 1.0 / (10 * n_units)
-    sigma = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
-                                 steps=steps_per_round * int(cfg.num_server_rounds), accountant="rdp",
-                                 epsilon_tolerance=0.01)
-    return float(sigma), delta
+    sigma = noise_multiplier_for(target, n_units, int(cfg.dp_batch_size), epochs * int(cfg.num_server_rounds))
+    return sigma, 1.0 / (10 * n_units)
 
 
 def federate(base: dict, caches: dict[str, Path], target: float | None, split: str = "test") -> dict:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
+from bench.dp.run import noise_multiplier_for
 from shared.data.loader import WindowDataset
 from shared.federation.quiet import quiet_third_party_warnings
 from shared.federation.run_config import DEFAULTS, input_samples, load_run_config
@@ -33,17 +33,6 @@ from shared.federation.site_training import new_model
 from shared.metrics import masked_macro_auroc
 from shared.training import DPConfig, TrainConfig, train_local
 from shared.training.evaluate import evaluate_model
-from shared.training.privacy import sample_rate_and_steps
-
-
-def noise_multiplier(epsilon: float, n_units: int, batch: int, epochs: int) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    q, steps = sample_rate_and_steps(n_units, batch, epochs)
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
-        warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=1.0 / (10 * n_units), sample_rate=q,
-                                          steps=steps, accountant="rdp", epsilon_tolerance=0.01))
 
 
 def one_setting(cfg, cache: Path, *, epsilon: float, rounds: int, local_epochs: int, batch: int, lr: float,
@@ -52,7 +41,7 @@ def one_setting(cfg, cache: Path, *, epsilon: float, rounds: int, local_epochs: 
     val = WindowDataset(cache, "val", crop_samples=input_samples(cfg), train=False)
     dp = None
     if epsilon > 0:
-        dp = DPConfig(noise_multiplier=noise_multiplier(epsilon, len(train), batch, rounds * local_epochs),
+        dp = DPConfig(noise_multiplier=noise_multiplier_for(epsilon, len(train), batch, rounds * local_epochs),
                       max_grad_norm=clip, delta=1.0 / (10 * len(train)))
     train_cfg = TrainConfig(epochs=local_epochs, batch_size=batch, lr=lr, device="cpu", dp=dp, seed=seed,
                             max_physical_batch=int(cfg.dp_max_physical_batch), warmup_steps=warmup)
