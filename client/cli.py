@@ -431,7 +431,9 @@ def run_supernode(command: list[str], args: argparse.Namespace) -> tuple[int, bo
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, forward)
 
-    tail: deque[str] = deque(maxlen=60)
+    # Enough lines that flower-superexec's exit tracebacks (it shares the output and dies after the
+    # SuperNode) cannot push the SuperNode's own "Exit Code: ..." lines out (seen in CI with 60).
+    tail: deque[str] = deque(maxlen=2000)
     pump = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
     pump.start()
     rc = proc.wait()

@@ -354,6 +354,19 @@ def test_client_starts_again_when_its_runtime_port_is_taken_meanwhile(capsys, sm
         assert "starting again" not in err and "already in use: pass a free one with --runtime-port" in err, err
 
 
+def test_client_reads_flowers_exit_code_behind_a_long_traceback(capsys, small_cache):
+    """flower-superexec shares the SuperNode's output and dies after it, printing long chained
+    tracebacks; the SuperNode's "Exit Code: 305" must still be recognised (CI once saw exit 4)."""
+    args = client_cli.build_parser().parse_args(["--site", "ptb", "--data", str(small_cache), "--insecure",
+                                                 "--superlink", "127.0.0.1:1"])
+    fake_supernode = ("import sys; print('Exit Code: 305'); print('Failed to initialize the connection'); "
+                      "[print(f'  File \"superexec.py\", line {i}, in run') for i in range(300)]; sys.exit(1)")
+    code, port_taken = client_cli.run_supernode([sys.executable, "-c", fake_supernode], args)
+    _, err = capsys.readouterr()
+    assert code == client_cli.EXIT_CONNECT and not port_taken, err
+    assert "could not reach SuperLink" in err
+
+
 def test_server_connection_writes_flwr_config(tmp_path, monkeypatch, certs, capsys):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
     assert server_cli.main(["connection", "fed", "--address", "coord.example.org:9092",
