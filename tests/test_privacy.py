@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -378,3 +379,58 @@ def test_record_unit_is_one_random_window_per_record(site_cache):
     assert len(patients) <= n_records
     with pytest.raises(ValueError, match="unit 'record' is for training items"):
         WindowDataset(cache, "test", unit="record")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample gradients of Conv1d (shared/training/conv1d_grad_sample.py)
+
+
+@pytest.mark.parametrize("spec", [
+    dict(in_channels=12, out_channels=48, kernel_size=14, stride=3, padding=2, groups=12, bias=False),
+    dict(in_channels=8, out_channels=12, kernel_size=3, dilation=2, padding="same", groups=4, bias=True),
+    dict(in_channels=6, out_channels=6, kernel_size=5, padding="valid", groups=3, bias=True),
+    dict(in_channels=4, out_channels=5, kernel_size=3, padding=1, groups=1, bias=True),
+    dict(in_channels=4, out_channels=6, kernel_size=4, stride=2, dilation=3, padding=3, groups=2, bias=False),
+    dict(in_channels=4, out_channels=4, kernel_size=4, padding="same", groups=2, bias=True),  # asymmetric pad
+])
+def test_conv1d_per_sample_gradients_equal_one_backward_per_sample(spec):
+    """Each sample's gradient from the Opacus hooks (with the project's Conv1d sampler registered)
+    equals the gradient of that sample's own loss, computed alone."""
+    from opacus import GradSampleModule
+
+    from shared.training import conv1d_grad_sample  # noqa: F401  (registers the sampler)
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(**spec)
+    x = torch.randn(5, spec["in_channels"], 40)
+    target = torch.randn_like(conv(x))
+    model = GradSampleModule(torch.nn.Sequential(conv), loss_reduction="sum")
+    ((model(x) - target) ** 2).sum().backward()  # sum: each sample's grad is its own loss's grad
+    per_sample = {name: p.grad_sample.clone() for name, p in conv.named_parameters()}
+    model.disable_hooks()
+    for i in range(len(x)):
+        conv.zero_grad(set_to_none=True)
+        ((conv(x[i:i + 1]) - target[i:i + 1]) ** 2).sum().backward()
+        for name, p in conv.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_dp_training_uses_the_projects_conv1d_sampler():
+    """In a fresh process, DP training registers the project's Conv1d sampler before Opacus runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from opacus import GradSampleModule\n"
+        "from shared.training import DPConfig, TrainConfig, train_local\n"
+        "from training_helpers import ArrayDataset, TinyEcgNet\n"
+        "dp = DPConfig(noise_multiplier=1.0, delta=1e-3)\n"
+        "train_local(TinyEcgNet(), ArrayDataset(n=16), TrainConfig(epochs=1, batch_size=8, device='cpu', dp=dp))\n"
+        "print(GradSampleModule.GRAD_SAMPLERS[torch.nn.Conv1d].__module__)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "shared.training.conv1d_grad_sample"

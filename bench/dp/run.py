@@ -7,7 +7,8 @@ In one run, on the embedded synthetic federation (4 sites, ``--records`` records
   each target the site's noise multiplier is the smallest that reaches it after all rounds
   (Opacus ``get_noise_multiplier``, RDP accountant), so the reported epsilon is the site's
   epsilon after the last round. Pooled-test macro AUROC of the final global model (the test
-  splits of all sites concatenated, record-level as in the server's pooled evaluation);
+  splits of all sites concatenated, record-level as in the server's pooled evaluation), and
+  each site's own test macro AUROC (over the classes that site labels);
 * the DP/plain step-time ratio: seconds per optimiser step of the same model on the same
   site, batch ``--step-batch`` (plain: a shuffled batch; DP: a Poisson batch of that expected
   size with per-sample clipping and noise), median of ``--step-repeats`` calls.
@@ -17,7 +18,8 @@ The federation is driven in this process, not through Flower: every round each s
 ledger directory: the accountant history is kept here), then the FedAvg weighted average
 (``num-examples``). Flower adds no computation to what is measured (see bench/fl).
 
-    python -m bench.dp.run [--records 2000] [--rounds 8] [--epsilons 1,3,10] [--json out.json]
+    python -m bench.dp.run [--records 2000] [--rounds 8] [--epsilons 1,3,10] [--sites ptbxl,mimic]
+                           [--split val] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ def fedavg(states: list[dict], weights: list[int]) -> dict:
             for k, ref in states[0].items()}
 
 
-def pooled_auroc(cfg, caches: dict[str, Path], state, split: str = "test") -> float:
-    """Macro AUROC of the final model on every site's ``split``, predictions concatenated."""
-    results = [evaluate_site(cfg, cache, state, split=split) for cache in caches.values()]
-    _, macro = masked_macro_auroc(*(np.concatenate([getattr(r, k) for r in results]) for k in ("probs", "targets", "mask")))
-    return float(macro)
+def scored_auroc(cfg, caches: dict[str, Path], state, split: str = "test") -> tuple[float, dict[str, float]]:
+    """Macro AUROC of the final model on every site's ``split``: pooled (predictions concatenated)
+    and per site (each site's own classes)."""
+    results = {site: evaluate_site(cfg, cache, state, split=split) for site, cache in caches.items()}
+    per_site = {site: float(masked_macro_auroc(r.probs, r.targets, r.mask)[1]) for site, r in results.items()}
+    _, macro = masked_macro_auroc(*(np.concatenate([getattr(r, k) for r in results.values()])
+                                    for k in ("probs", "targets", "mask")))
+    return float(macro), per_site
 
 
 def train_units(cfg, cache: Path) -> int:
@@ -104,8 +109,9 @@ def federate(base: dict, caches: dict[str, Path], target: float | None, split: s
                 info[site].update(epsilon=out.dp_report["epsilon"], sample_rate=out.dp_report["sample-rate"])
             outcomes.append(out)
         state = fedavg([o.state for o in outcomes], [o.result.num_examples for o in outcomes])
-    auroc = pooled_auroc(site_cfgs[next(iter(caches))], caches, state, split)
-    return {"target": target, "auroc": auroc, "sites": info, "seconds": time.perf_counter() - t0}
+    auroc, per_site = scored_auroc(site_cfgs[next(iter(caches))], caches, state, split)
+    return {"target": target, "auroc": auroc, "site_auroc": per_site, "sites": info,
+            "seconds": time.perf_counter() - t0}
 
 
 def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) -> float:
@@ -129,6 +135,22 @@ def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) ->
     return statistics.median(times)
 
 
+def opacus_conv1d_step_seconds(base: dict, cache: Path, batch: int, repeats: int) -> float:
+    """The DP step with Opacus's own Conv1d per-sample gradient (unfold, all channel blocks)
+    instead of the project's (shared/training/conv1d_grad_sample.py): the before of that change."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from shared.training import conv1d_grad_sample
+
+    samplers = GradSampleModule.GRAD_SAMPLERS
+    samplers[torch.nn.Conv1d] = compute_conv_grad_sample
+    try:
+        return step_seconds(base, cache, batch, repeats, dp=True)
+    finally:
+        samplers[torch.nn.Conv1d] = conv1d_grad_sample.conv1d_grad_sample
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--records", type=int, default=2000, help="synthetic records per site")
@@ -143,29 +165,35 @@ def main(argv=None) -> int:
     p.add_argument("--epsilons", default="1,3,10")
     p.add_argument("--step-batch", type=int, default=64)
     p.add_argument("--step-repeats", type=int, default=2)
+    p.add_argument("--sites", default=DEFAULTS["sites"],
+                   help="the federation's sites (a subset shows which sites DP training can learn from)")
     p.add_argument("--model", default="hierarchical")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="where the pooled AUROC is scored: test (the figure), val (to choose settings)")
     p.add_argument("--no-step-time", action="store_true", help="skip the step-time measurement")
-    p.add_argument("--only-step-time", action="store_true", help="measure the step times and stop")
+    p.add_argument("--only-step-time", action="store_true",
+                   help="measure the step times (also with Opacus's own Conv1d per-sample gradient) and stop")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     quiet_third_party_warnings(False)
-    base = {"model": args.model, "preset": args.preset, "synthetic-records": args.records,
+    base = {"model": args.model, "preset": args.preset, "synthetic-records": args.records, "sites": args.sites,
             "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "device": "cpu",
             "dp-batch-size": args.dp_batch_size, "dp-lr": args.dp_lr, "dp-max-grad-norm": args.dp_clip}
     cfg = load_run_config(base)
     caches = {site: ensure_cache(site, "", cfg) for site in cfg.site_list}
+    step_site = "ptbxl" if "ptbxl" in caches else next(iter(caches))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     plain_step = dp_step = float("nan")
     if not args.no_step_time:
-        plain_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=False)
-        dp_step = step_seconds(base, caches["ptbxl"], args.step_batch, args.step_repeats, dp=True)
+        plain_step = step_seconds(base, caches[step_site], args.step_batch, args.step_repeats, dp=False)
+        dp_step = step_seconds(base, caches[step_site], args.step_batch, args.step_repeats, dp=True)
         print(f"step time, batch {args.step_batch}: plain {plain_step:.3f} s, DP {dp_step:.3f} s", flush=True)
         if args.only_step_time:
-            print(f"DP/plain {dp_step / plain_step:.2f}x; load average before {load_before[0]:.2f}, "
+            opacus_step = opacus_conv1d_step_seconds(base, caches[step_site], args.step_batch, args.step_repeats)
+            print(f"DP/plain {dp_step / plain_step:.2f}x; with Opacus's own Conv1d per-sample gradient: DP "
+                  f"{opacus_step:.3f} s, {opacus_step / plain_step:.2f}x; load average before {load_before[0]:.2f}, "
                   f"after {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
             return 0
     where = f"pooled-{args.split}"
@@ -178,18 +206,24 @@ def main(argv=None) -> int:
               + json.dumps(r["sites"]), flush=True)
     plain = runs[0]["auroc"]
     print()
-    print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, FedAvg, 4 sites x {args.records} records, "
+    print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, FedAvg, {len(caches)} sites x {args.records} records, "
           f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: unit record, logical batch "
           f"{args.dp_batch_size}, lr {args.dp_lr:g} (warm-up {DEFAULTS['dp-warmup-steps']} steps per round), "
           f"clip {args.dp_clip:g}, delta 1/(10 N)")
-    print(f"| run | epsilon per site (after all rounds) | noise multiplier | {where} macro AUROC | cost vs no DP |")
-    print("|---|---|---|---|---|")
-    print(f"| no DP | - | - | {plain:.3f} | - |")
+    sites = list(caches)
+    print(f"| run | epsilon per site (after all rounds) | noise multiplier | {where} macro AUROC | cost vs no DP | "
+          + " | ".join(f"{s} {args.split}" for s in sites) + " |")
+    print("|---" * (5 + len(sites)) + "|")
+
+    def per_site(run: dict) -> str:
+        return " | ".join(f"{run['site_auroc'][s]:.3f}" for s in sites)
+
+    print(f"| no DP | - | - | {plain:.3f} | - | {per_site(runs[0])} |")
     for r in runs[1:]:
         eps = " ".join(f"{s} {v.get('epsilon', float('nan')):.2f}" for s, v in r["sites"].items())
         sig = " ".join(f"{v['noise']:.2f}" for v in r["sites"].values())
-        print(f"| DP eps ~{r['target']:g} | {eps} | {sig} | {r['auroc']:.3f} | {plain - r['auroc']:+.3f} |")
-    print(f"\nstep time, batch {args.step_batch} (ptbxl): plain {plain_step * 1e3:.1f} ms, DP {dp_step * 1e3:.1f} ms, "
+        print(f"| DP eps ~{r['target']:g} | {eps} | {sig} | {r['auroc']:.3f} | {plain - r['auroc']:+.3f} | {per_site(r)} |")
+    print(f"\nstep time, batch {args.step_batch} ({step_site}): plain {plain_step * 1e3:.1f} ms, DP {dp_step * 1e3:.1f} ms, "
           f"DP/plain {dp_step / plain_step:.2f}x")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"wall {time.perf_counter() - t0:.0f} s; torch threads {torch.get_num_threads()}")

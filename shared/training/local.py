@@ -123,6 +123,8 @@ def _train_private(model, loader, optimizer, schedule, cfg, device, reference, d
     from opacus import PrivacyEngine
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+    from . import conv1d_grad_sample  # noqa: F401  (registers the Conv1d per-sample gradient)
+
     dp = cfg.dp
     check_private_trainable(model, dp)
     check_state_matches(dp, dp_state)
