@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -450,6 +452,24 @@ def connection_failed(tail: list[str]) -> bool:
     return any(f"Exit Code: {FLWR_EXIT_CONNECTION_FAILED}" in line for line in tail)
 
 
+def speaks_tls(address: str, timeout: float = 3.0) -> bool:
+    """Whether ``host:port`` completes a TLS handshake (certificate not checked: this only asks
+    which protocol the SuperLink speaks, after a plain-text node failed to connect to it). Flower
+    prints only its last connection error, which for plain text against TLS depends on timing
+    ("Server disconnected without sending a response", a reset, ...), so the port is asked."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host or None):
+                return True
+    except (OSError, ValueError):
+        return False
+
+
 def runtime_port_taken(tail: list[str]) -> bool:
     """The SuperNode's runtime HTTP API (uvicorn) could not bind its port."""
     return any("address already in use" in line.lower() for line in tail)
@@ -483,7 +503,7 @@ def diagnose(rc: int, tail: list[str], args: argparse.Namespace) -> str:
             "--root-certificates, and check that the SuperLink certificate lists the host name "
             "you used (deploy/make-certs.sh --host)"
         )
-    if "Server disconnected without sending a response" in text and args.insecure:
+    if args.insecure and connection_failed(tail) and speaks_tls(args.superlink):
         return (
             f"{where} closed the plain-text connection: it speaks TLS. Drop --insecure and pass "
             "--root-certificates ca.crt"

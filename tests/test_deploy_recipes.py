@@ -378,3 +378,35 @@ def test_server_connection_writes_flwr_config(tmp_path, monkeypatch, certs, caps
                                           "root-certificates": str((certs / "ca.crt").resolve())}
     assert server_cli.main(["connection", "fed", "--address", "x:1"]) == 2
     assert "exactly one of" in capsys.readouterr().err
+
+
+def test_client_asks_the_superlink_port_whether_it_speaks_tls(certs):
+    """A plain-text node that failed to connect learns "it speaks TLS" from a TLS handshake with
+    the port, not from Flower's last error line (which depends on timing)."""
+    import socket
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs / "superlink.crt", certs / "superlink.key")
+
+    def serve(listener: socket.socket, tls: bool) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if tls:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            else:
+                conn.recv(1)
+
+    for tls in (True, False):
+        listener = socket.create_server(("127.0.0.1", 0))
+        worker = threading.Thread(target=serve, args=(listener, tls), daemon=True)
+        worker.start()
+        port = listener.getsockname()[1]
+        assert client_cli.speaks_tls(f"127.0.0.1:{port}") is tls
+        worker.join(timeout=10)
+        listener.close()
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    assert client_cli.speaks_tls(f"127.0.0.1:{port}") is False  # nothing listens
