@@ -181,13 +181,15 @@ def validate(args: argparse.Namespace) -> SiteData:
     return site_data
 
 
-def check_address(address: str) -> None:
+def check_address(address: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``HOST:PORT`` address (an IPv6 host without its brackets)."""
     match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-_]+):(\d{1,5})", address)
     if not match or not 0 < int(match.group(2)) < 65536:
         raise UsageError(
             f"--superlink '{address}' is not HOST:PORT (e.g. coordinator.example.org:9092, "
             "no https:// prefix)"
         )
+    return match.group(1).strip("[]"), int(match.group(2))
 
 
 def load_site_data(site: str, data: Path) -> SiteData:
@@ -457,16 +459,15 @@ def speaks_tls(address: str, timeout: float = 3.0) -> bool:
     which protocol the SuperLink speaks, after a plain-text node failed to connect to it). Flower
     prints only its last connection error, which for plain text against TLS depends on timing
     ("Server disconnected without sending a response", a reset, ...), so the port is asked."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = check_address(address)
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=host or None):
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
                 return True
-    except (OSError, ValueError):
+    except OSError:
         return False
 
 

@@ -141,14 +141,15 @@ def opacus_conv1d_step_seconds(base: dict, cache: Path, batch: int, repeats: int
     from opacus import GradSampleModule
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
-    from shared.training import conv1d_grad_sample
+    from shared.training import conv1d_grad_sample  # noqa: F401  (registered first, so restored after)
 
     samplers = GradSampleModule.GRAD_SAMPLERS
+    project = samplers[torch.nn.Conv1d]
     samplers[torch.nn.Conv1d] = compute_conv_grad_sample
     try:
         return step_seconds(base, cache, batch, repeats, dp=True)
     finally:
-        samplers[torch.nn.Conv1d] = conv1d_grad_sample.conv1d_grad_sample
+        samplers[torch.nn.Conv1d] = project
 
 
 def main(argv=None) -> int:
