@@ -16,7 +16,9 @@ at each site, so every training record is visited ``rounds * local_epochs`` time
 trains each site for ``rounds`` calls of ``local_epochs`` epochs (a fresh optimiser per call, as a
 client gets every round); ``pooled`` does the same on the union of the training splits, so it
 makes as many optimiser steps as all sites together (same batch size, same passes over each
-record). All runs start from the same seed-determined initial weights.
+record). ``federated+dp`` runs the DP defaults instead (logical batch ``dp-batch-size``,
+``dp-local-epochs`` epochs per round, ``dp-lr``; docs/privacy.md, "Benchmark"). All runs start
+from the same seed-determined initial weights.
 
 Validation before test: the per-round curves (the federation's ``rounds.csv``) are computed on
 the validation splits; each final model is scored once on the test splits, and its validation

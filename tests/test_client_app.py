@@ -25,7 +25,7 @@ from shared.training import load_checkpoint, load_model, predict_record
 # Small, fast runs: tiny model, few synthetic records per site.
 # Partitions 1-3 (ptbxl, mimic, cinc) hold one window per record; ptb's records are longer.
 BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "batch-size": 16,
-        "local-epochs": 1, "device": "cpu"}
+        "local-epochs": 1, "dp-local-epochs": 1, "device": "cpu"}
 
 
 pytestmark = pytest.mark.usefixtures("synthetic_cache_root")  # caches outside ~/.cache

@@ -141,7 +141,7 @@ def test_epsilon_continues_across_resume_and_node_restart(tmp_path_factory, tmp_
 
     def run(rounds: int, *, resume: bool, out_dir=out) -> tuple[dict, str]:
         config = (f'num-server-rounds={rounds} preset="tiny" model="hierarchical" sites="ptb" dp=true '
-                  f'dp-batch-size=16 local-epochs=1 server-eval="off" node-wait-timeout=60.0 '
+                  f'dp-batch-size=16 local-epochs=1 dp-local-epochs=1 server-eval="off" node-wait-timeout=60.0 '
                   f'round-timeout=120.0 device="cpu" out-dir="{out_dir}" resume={str(resume).lower()}')
         run_id = submit_run(processes.env, app, fed.connection, config)
         status = wait_run(processes.env, fed.connection, run_id, timeout=300)

@@ -177,7 +177,7 @@ def _site_cfg(**over):
     from shared.federation.run_config import load_run_config
 
     return load_run_config({"model": "hierarchical", "preset": "tiny", "device": "cpu", "dp": True,
-                            "dp-batch-size": 16, "local-epochs": 1, **over})  # one step per call
+                            "dp-batch-size": 16, "dp-local-epochs": 1, **over})  # one step per call
 
 
 def _train_site(cache, state_dir, **over):

@@ -34,7 +34,7 @@ def test_four_site_simulation_runs_two_rounds(model, strategy, nodes, synthetic_
     result = run_federation(
         DEFAULT_APP_DIR,
         {"model": model, "strategy": strategy, "num-server-rounds": 2, "synthetic-records": 12,
-         "batch-size": 16, "local-epochs": 1, "device": "cpu", "out-dir": str(out)},
+         "batch-size": 16, "local-epochs": 1, "dp-local-epochs": 1, "device": "cpu", "out-dir": str(out)},
         num_supernodes=nodes, flwr_home=tmp_path / "flwr-home", timeout=400,
     )
     assert result.ok, f"status {result.status}: {result.details}\n{result.log[-4000:]}"

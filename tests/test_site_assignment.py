@@ -17,7 +17,7 @@ from server.loop import run_server
 from shared.federation.run_config import load_run_config
 
 BASE = {"model": "hierarchical", "preset": "tiny", "synthetic-records": 12, "batch-size": 16,
-        "local-epochs": 1, "device": "cpu", "num-server-rounds": 1, "server-eval": "off"}
+        "local-epochs": 1, "dp-local-epochs": 1, "device": "cpu", "num-server-rounds": 1, "server-eval": "off"}
 SITES = ["ptb", "ptbxl", "mimic", "cinc"]
 
 

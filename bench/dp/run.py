@@ -11,20 +11,25 @@ In one run, on the embedded synthetic federation (4 sites, ``--records`` records
   each site's own test macro AUROC (over the classes that site labels);
 * the DP/plain step-time ratio: seconds per optimiser step of the same model on the same
   site, batch ``--step-batch`` (plain: a shuffled batch; DP: a Poisson batch of that expected
-  size with per-sample clipping and noise), median of ``--step-repeats`` calls.
+  size with per-sample clipping and noise), median of ``--step-repeats`` calls of each, the
+  kinds called in turn so that a change of load on the machine falls on both alike.
 
 The federation is driven in this process, not through Flower: every round each site's
 ``shared.federation.site_training.train_site`` (the ClientApp's own training path, without a
 ledger directory: the accountant history is kept here), then the FedAvg weighted average
 (``num-examples``). Flower adds no computation to what is measured (see bench/fl).
 
+With ``--local-only`` the same runs are repeated with every site training alone (its own model
+scored on its own split): what federation buys, without DP and under DP.
+
     python -m bench.dp.run [--records 2000] [--rounds 8] [--epsilons 1,3,10] [--sites ptbxl,mimic]
-                           [--split val] [--json out.json]
+                           [--split val] [--local-only] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,10 +54,12 @@ def fedavg(states: list[dict], weights: list[int]) -> dict:
             for k, ref in states[0].items()}
 
 
-def scored_auroc(cfg, caches: dict[str, Path], state, split: str = "test") -> tuple[float, dict[str, float]]:
-    """Macro AUROC of the final model on every site's ``split``: pooled (predictions concatenated)
-    and per site (each site's own classes)."""
-    results = {site: evaluate_site(cfg, cache, state, split=split) for site, cache in caches.items()}
+def scored_auroc(cfg, caches: dict[str, Path], states: dict[str, dict], split: str = "test"
+                 ) -> tuple[float, dict[str, float]]:
+    """Macro AUROC on every site's ``split``, each site scored by ``states[site]`` (the global
+    model for all, or each site's own model): pooled (predictions concatenated) and per site
+    (each site's own classes)."""
+    results = {site: evaluate_site(cfg, cache, states[site], split=split) for site, cache in caches.items()}
     per_site = {site: float(masked_macro_auroc(r.probs, r.targets, r.mask)[1]) for site, r in results.items()}
     _, macro = masked_macro_auroc(*(np.concatenate([getattr(r, k) for r in results.values()])
                                     for k in ("probs", "targets", "mask")))
@@ -109,13 +116,26 @@ def federate(base: dict, caches: dict[str, Path], target: float | None, split: s
                 info[site].update(epsilon=out.dp_report["epsilon"], sample_rate=out.dp_report["sample-rate"])
             outcomes.append(out)
         state = fedavg([o.state for o in outcomes], [o.result.num_examples for o in outcomes])
-    auroc, per_site = scored_auroc(site_cfgs[next(iter(caches))], caches, state, split)
+    auroc, per_site = scored_auroc(site_cfgs[next(iter(caches))], caches, dict.fromkeys(caches, state), split)
     return {"target": target, "auroc": auroc, "site_auroc": per_site, "sites": info,
+            "seconds": time.perf_counter() - t0, "state": state}
+
+
+def each_site_alone(base: dict, caches: dict[str, Path], target: float | None, split: str = "test") -> dict:
+    """Local-only: every site trains alone, the same rounds and epochs as in the federation (and,
+    under DP, the same noise: it depends only on the site's units and schedule), and its own
+    model scores its own ``split``; pooled = those predictions concatenated."""
+    t0 = time.perf_counter()
+    runs = {site: federate(base, {site: cache}, target, split) for site, cache in caches.items()}
+    cfg = load_run_config({**base, "dp": target is not None})
+    auroc, per_site = scored_auroc(cfg, caches, {site: r["state"] for site, r in runs.items()}, split)
+    return {"target": target, "auroc": auroc, "site_auroc": per_site,
+            "sites": {site: r["sites"].get(site, {}) for site, r in runs.items()},
             "seconds": time.perf_counter() - t0}
 
 
-def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) -> float:
-    """Seconds per optimiser step of ``train_local`` (1 epoch; median of ``repeats`` calls)."""
+def step_call_seconds(base: dict, cache: Path, batch: int, dp: bool) -> float:
+    """Seconds per optimiser step of one ``train_local`` call (1 epoch, a fresh model)."""
     from shared.data.loader import WindowDataset
     from shared.federation.run_config import input_samples
     from shared.training import DPConfig, TrainConfig, train_local
@@ -124,32 +144,47 @@ def step_seconds(base: dict, cache: Path, batch: int, repeats: int, dp: bool) ->
     dataset = WindowDataset(cache, "train", crop_samples=input_samples(cfg), train=True, unit="record")
     dp_cfg = DPConfig(noise_multiplier=1.0, delta=1.0 / (10 * len(dataset))) if dp else None
     train_cfg = TrainConfig(epochs=1, batch_size=batch, device="cpu", dp=dp_cfg, max_physical_batch=4 * batch)
-    times = []
-    for i in range(repeats + 1):  # the first call warms up (allocations, first kernels): not timed
-        torch.manual_seed(0)
-        model = new_model(cfg)
-        t0 = time.perf_counter()
-        out = train_local(model, dataset, train_cfg)
-        if i:
-            times.append((time.perf_counter() - t0) / max(out.steps, 1))
-    return statistics.median(times)
+    torch.manual_seed(0)
+    model = new_model(cfg)
+    t0 = time.perf_counter()
+    out = train_local(model, dataset, train_cfg)
+    return (time.perf_counter() - t0) / max(out.steps, 1)
 
 
-def opacus_conv1d_step_seconds(base: dict, cache: Path, batch: int, repeats: int) -> float:
-    """The DP step with Opacus's own Conv1d per-sample gradient (unfold, all channel blocks)
-    instead of the project's (shared/training/conv1d_grad_sample.py): the before of that change."""
+@contextlib.contextmanager
+def opacus_conv1d_sampler():
+    """Opacus's own Conv1d per-sample gradient (unfold, all channel blocks) in place of the
+    project's (shared/training/conv1d_grad_sample.py): the before of that change."""
     from opacus import GradSampleModule
     from opacus.grad_sample.conv import compute_conv_grad_sample
 
     from shared.training import conv1d_grad_sample  # noqa: F401  (registered first, so restored after)
 
     samplers = GradSampleModule.GRAD_SAMPLERS
-    project = samplers[torch.nn.Conv1d]
+    registered = samplers[torch.nn.Conv1d]
     samplers[torch.nn.Conv1d] = compute_conv_grad_sample
     try:
-        return step_seconds(base, cache, batch, repeats, dp=True)
+        yield
     finally:
-        samplers[torch.nn.Conv1d] = project
+        samplers[torch.nn.Conv1d] = registered
+
+
+def step_times(base: dict, cache: Path, batch: int, repeats: int, with_opacus_conv1d: bool = False) -> dict:
+    """Median seconds per step of each kind ("plain", "dp", and "dp-opacus-conv1d" if asked) over
+    ``repeats`` rounds. A round calls every kind once, in turn, so a change of load on the machine
+    falls on all of them alike; a first round warms up (allocations, first kernels) and is not timed."""
+    kinds = ["plain", "dp"] + (["dp-opacus-conv1d"] if with_opacus_conv1d else [])
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(repeats + 1):
+        for kind in kinds:
+            if kind == "dp-opacus-conv1d":
+                with opacus_conv1d_sampler():
+                    t = step_call_seconds(base, cache, batch, dp=True)
+            else:
+                t = step_call_seconds(base, cache, batch, dp=kind == "dp")
+            if i:
+                times[kind].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -158,7 +193,9 @@ def main(argv=None) -> int:
     # every other default is the simulation's (shared.federation.run_config.DEFAULTS)
     p.add_argument("--rounds", type=int, default=DEFAULTS["num-server-rounds"])
     p.add_argument("--local-epochs", type=int, default=DEFAULTS["local-epochs"],
-                   help="local epochs per round, with and without DP (dp-local-epochs 0)")
+                   help="local epochs per round without DP")
+    p.add_argument("--dp-local-epochs", type=int, default=DEFAULTS["dp-local-epochs"],
+                   help="local epochs per round under DP (0 = --local-epochs)")
     p.add_argument("--dp-batch-size", type=int, default=DEFAULTS["dp-batch-size"],
                    help="DP logical batch (expected Poisson sample)")
     p.add_argument("--dp-lr", type=float, default=DEFAULTS["dp-lr"])
@@ -172,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="where the pooled AUROC is scored: test (the figure), val (to choose settings)")
+    p.add_argument("--local-only", action="store_true",
+                   help="also train every site alone (no DP and each epsilon): what federation buys, with and without DP")
     p.add_argument("--no-step-time", action="store_true", help="skip the step-time measurement")
     p.add_argument("--only-step-time", action="store_true",
                    help="measure the step times (also with Opacus's own Conv1d per-sample gradient) and stop")
@@ -179,7 +218,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     quiet_third_party_warnings(False)
     base = {"model": args.model, "preset": args.preset, "synthetic-records": args.records, "sites": args.sites,
-            "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "device": "cpu",
+            "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
+            "dp-local-epochs": args.dp_local_epochs, "device": "cpu",
             "dp-batch-size": args.dp_batch_size, "dp-lr": args.dp_lr, "dp-max-grad-norm": args.dp_clip}
     cfg = load_run_config(base)
     caches = {site: ensure_cache(site, "", cfg) for site in cfg.site_list}
@@ -188,42 +228,50 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     plain_step = dp_step = float("nan")
     if not args.no_step_time:
-        plain_step = step_seconds(base, caches[step_site], args.step_batch, args.step_repeats, dp=False)
-        dp_step = step_seconds(base, caches[step_site], args.step_batch, args.step_repeats, dp=True)
+        steps = step_times(base, caches[step_site], args.step_batch, args.step_repeats,
+                           with_opacus_conv1d=args.only_step_time)
+        plain_step, dp_step = steps["plain"], steps["dp"]
         print(f"step time, batch {args.step_batch}: plain {plain_step:.3f} s, DP {dp_step:.3f} s", flush=True)
         if args.only_step_time:
-            opacus_step = opacus_conv1d_step_seconds(base, caches[step_site], args.step_batch, args.step_repeats)
+            opacus_step = steps["dp-opacus-conv1d"]
             print(f"DP/plain {dp_step / plain_step:.2f}x; with Opacus's own Conv1d per-sample gradient: DP "
                   f"{opacus_step:.3f} s, {opacus_step / plain_step:.2f}x; load average before {load_before[0]:.2f}, "
                   f"after {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
             return 0
     where = f"pooled-{args.split}"
-    runs = [federate(base, caches, None, args.split)]
-    print(f"no DP: {where} macro AUROC {runs[0]['auroc']:.3f} ({runs[0]['seconds']:.0f} s)", flush=True)
-    for target in (float(e) for e in args.epsilons.split(",")):
-        runs.append(federate(base, caches, target, args.split))
-        r = runs[-1]
-        print(f"DP eps {target:g}: {where} macro AUROC {r['auroc']:.3f} ({r['seconds']:.0f} s) "
-              + json.dumps(r["sites"]), flush=True)
-    plain = runs[0]["auroc"]
+    targets = [None] + [float(e) for e in args.epsilons.split(",")]
+    kinds = [("FedAvg", federate)] + ([("each site alone", each_site_alone)] if args.local_only else [])
+    runs = []
+    for kind, train in kinds:
+        for target in targets:
+            r = train(base, caches, target, args.split)
+            r.pop("state", None)
+            runs.append({**r, "kind": kind})
+            label = "no DP" if target is None else f"DP eps {target:g}"
+            print(f"{label}, {kind}: {where} macro AUROC {r['auroc']:.3f} ({r['seconds']:.0f} s) "
+                  + json.dumps(r["sites"]), flush=True)
     print()
-    print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, FedAvg, {len(caches)} sites x {args.records} records, "
-          f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: unit record, logical batch "
+    print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, {len(caches)} sites x {args.records} records, "
+          f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: {args.dp_local_epochs or args.local_epochs} local "
+          f"epochs per round, unit record, logical batch "
           f"{args.dp_batch_size}, lr {args.dp_lr:g} (warm-up {DEFAULTS['dp-warmup-steps']} steps per round), "
           f"clip {args.dp_clip:g}, delta 1/(10 N)")
     sites = list(caches)
     print(f"| run | epsilon per site (after all rounds) | noise multiplier | {where} macro AUROC | cost vs no DP | "
           + " | ".join(f"{s} {args.split}" for s in sites) + " |")
     print("|---" * (5 + len(sites)) + "|")
-
-    def per_site(run: dict) -> str:
-        return " | ".join(f"{run['site_auroc'][s]:.3f}" for s in sites)
-
-    print(f"| no DP | - | - | {plain:.3f} | - | {per_site(runs[0])} |")
-    for r in runs[1:]:
+    for r in runs:
+        plain = next(p["auroc"] for p in runs if p["kind"] == r["kind"] and p["target"] is None)
+        per_site = " | ".join(f"{r['site_auroc'][s]:.3f}" for s in sites)
+        if r["target"] is None:
+            print(f"| no DP, {r['kind']} | - | - | {plain:.3f} | - | {per_site} |")
+            continue
         eps = " ".join(f"{s} {v.get('epsilon', float('nan')):.2f}" for s, v in r["sites"].items())
         sig = " ".join(f"{v['noise']:.2f}" for v in r["sites"].values())
-        print(f"| DP eps ~{r['target']:g} | {eps} | {sig} | {r['auroc']:.3f} | {plain - r['auroc']:+.3f} | {per_site(r)} |")
+        print(f"| DP eps ~{r['target']:g}, {r['kind']} | {eps} | {sig} | {r['auroc']:.3f} | "
+              f"{plain - r['auroc']:+.3f} | {per_site} |")
+    if args.local_only:
+        print("(each site alone: every site's own model scores its own split; pooled = those predictions concatenated)")
     print(f"\nstep time, batch {args.step_batch} ({step_site}): plain {plain_step * 1e3:.1f} ms, DP {dp_step * 1e3:.1f} ms, "
           f"DP/plain {dp_step / plain_step:.2f}x")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
