@@ -44,6 +44,7 @@ from torch.utils.data import ConcatDataset
 
 from shared.data.cache import open_cache
 from shared.data.loader import WindowDataset
+from shared.federation.run_config import DEFAULTS
 from shared.models import PRESETS, build_model
 from shared.report import (
     OWN_SITE,
@@ -118,6 +119,11 @@ def input_samples(cfg: DictConfig) -> int:
     return int(round(float(preset["fs"]) * float(preset["seconds"])))
 
 
+#: DP training settings ``federated+dp`` takes from the federation's defaults (not compare settings).
+FEDERATION_DP_TRAINING = ("dp-batch-size", "dp-local-epochs", "dp-lr", "dp-warmup-steps", "dp-max-physical-batch",
+                          "dp-unit")
+
+
 def run_hash(cfg: DictConfig, caches: dict[str, Path]) -> str:
     """Hash of everything that decides a run's numbers except the seed and the method."""
     keep = OmegaConf.to_container(cfg, resolve=True)
@@ -125,6 +131,8 @@ def run_hash(cfg: DictConfig, caches: dict[str, Path]) -> str:
         keep.pop(key, None)
     keep.pop("data", None)
     keep["caches"] = {s: open_cache(p).manifest.get("config_hash") for s, p in caches.items()}
+    if "federated+dp" in list(cfg.methods):  # its DP training settings are the federation's defaults
+        keep["federation_dp_training"] = {k: DEFAULTS[k] for k in FEDERATION_DP_TRAINING}
     return config_hash(keep)
 
 

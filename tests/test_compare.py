@@ -100,6 +100,12 @@ def test_rerun_skips_finished_rows_without_training(compared, monkeypatch, capsy
     assert compare.run_hash(changed, caches) != compare.run_hash(cfg, caches)
     reseeded = compare.load_config(None, [*OVERRIDES, f"out_dir={out}", "seeds=[5]"])
     assert compare.run_hash(reseeded, caches) == compare.run_hash(cfg, caches)
+    # federated+dp trains with the federation's DP defaults: a change of them is a new configuration
+    with_dp = compare.load_config(None, [*OVERRIDES, f"out_dir={out}", "methods=[local,federated+dp]"])
+    before_change = compare.run_hash(with_dp, caches)
+    monkeypatch.setitem(compare.DEFAULTS, "dp-local-epochs", compare.DEFAULTS["dp-local-epochs"] + 1)
+    assert compare.run_hash(with_dp, caches) != before_change
+    assert compare.run_hash(cfg, caches) == compare.run_hash(reseeded, caches)  # no DP method: unchanged
 
 
 def test_federated_run_config_uses_only_keys_the_app_declares(compared, tmp_path):

@@ -191,6 +191,16 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file() and not p.name.startswith(".")}
 
 
+def test_default_dp_batch_is_a_third_of_the_sites_units_at_most_512(site_cache, tmp_path):
+    from shared.federation.run_config import dp_logical_batch
+
+    assert [dp_logical_batch(0, n) for n in (1637, 320, 2)] == [512, 106, 1]
+    assert dp_logical_batch(16, 5) == 16  # a set batch is used as given
+    report = _train_site(site_cache["ptb"], tmp_path, **{"dp-batch-size": 0}).dp_report
+    n = report["units"]
+    assert report["sample-rate"] == pytest.approx(1 / math.ceil(n / max(1, n // 3)))
+
+
 def test_ledger_continues_across_calls_and_refuses_missing_foreign_or_unreadable(site_cache, tmp_path):
     cache, other = site_cache["ptb"], site_cache["ptbxl"]
     first = _train_site(cache, tmp_path)

@@ -48,13 +48,15 @@ def per_sample_gradients(model: torch.nn.Module, dataset, n: int, generator: tor
     from shared.training import conv1d_grad_sample  # noqa: F401  (the Conv1d sampler DP training uses)
 
     idx = torch.randperm(len(dataset), generator=generator)[:n].tolist()
-    x, y, mask = (torch.stack([torch.as_tensor(dataset[i][k]) for i in idx]) for k in range(3))
+    items = [dataset[i] for i in idx]  # one draw per item: its window, labels and mask together
+    x, y, mask = (torch.stack([torch.as_tensor(item[k]) for item in items]) for k in range(3))
     wrapped = GradSampleModule(model)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             masked_bce_with_logits(wrapped(x), y, mask).backward()
-        named = [(name.removeprefix("_module."), p) for name, p in wrapped.named_parameters() if p.requires_grad]
+        named = [(name.removeprefix("_module."), p) for name, p in wrapped.named_parameters()
+                 if p.requires_grad and getattr(p, "grad_sample", None) is not None]
         grads = torch.cat([p.grad_sample.reshape(len(idx), -1) for _, p in named], dim=1)
         blocks = [block_of(name) for name, p in named for _ in range(p.numel())]
     finally:
@@ -107,9 +109,12 @@ def main(argv=None) -> int:
                                     train=True, unit="record", seed=args.seed) for site in cfg.site_list}
     torch.manual_seed(args.seed)
     model = new_model(cfg)  # the Opacus-compatible form DP trains
+    sizes: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        sizes[block_of(name)] = sizes.get(block_of(name), 0) + p.numel()
     print(f"bench/dp/gradients: SYNTHETIC data, {args.model}/{args.preset} (DP form, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters), {args.samples} training items per site "
-          f"of {args.records} records")
+          f"{sum(sizes.values()):,} parameters: " + ", ".join(f"{b} {n:,}" for b, n in sizes.items())
+          + f"), {args.samples} training items per site of {args.records} records")
     report("initial weights", model, datasets, args.samples, args.clip, args.seed)
     if args.warm_epochs:
         train_local(model, ConcatDataset(list(datasets.values())),

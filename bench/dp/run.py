@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from shared.federation.quiet import quiet_third_party_warnings
-from shared.federation.run_config import DEFAULTS, load_run_config
+from shared.federation.run_config import DEFAULTS, dp_epochs, dp_logical_batch, load_run_config
 from shared.federation.site_data import ensure_cache
 from shared.federation.site_training import evaluate_site, new_model, train_site
 from shared.metrics import masked_macro_auroc
@@ -87,13 +87,15 @@ def noise_multiplier_for(target: float, n_units: int, batch: int, epochs: int) -
 
 def noise_for(target: float, n_units: int, cfg) -> tuple[float, float]:
     """(noise multiplier, delta) reaching ``target`` epsilon after every round at a site of ``n_units``."""
-    epochs = int(cfg.dp_local_epochs) or int(cfg.local_epochs)
-    sigma = noise_multiplier_for(target, n_units, int(cfg.dp_batch_size), epochs * int(cfg.num_server_rounds))
+    batch = dp_logical_batch(int(cfg.dp_batch_size), n_units)
+    sigma = noise_multiplier_for(target, n_units, batch, dp_epochs(cfg) * int(cfg.num_server_rounds))
     return sigma, 1.0 / (10 * n_units)
 
 
-def federate(base: dict, caches: dict[str, Path], target: float | None, split: str = "test") -> dict:
-    """FedAvg over ``num-server-rounds``; DP at every site when ``target`` is set."""
+def federate(base: dict, caches: dict[str, Path], target: float | None, split: str = "test", *,
+             score: bool = True) -> dict:
+    """FedAvg over ``num-server-rounds``; DP at every site when ``target`` is set. ``score``: the
+    final model's AUROC on every site's ``split`` (else only the model is returned)."""
     cfg = load_run_config(base)
     site_cfgs, dp_states, info = {}, {}, {}
     for site, cache in caches.items():
@@ -116,9 +118,11 @@ def federate(base: dict, caches: dict[str, Path], target: float | None, split: s
                 info[site].update(epsilon=out.dp_report["epsilon"], sample_rate=out.dp_report["sample-rate"])
             outcomes.append(out)
         state = fedavg([o.state for o in outcomes], [o.result.num_examples for o in outcomes])
-    auroc, per_site = scored_auroc(site_cfgs[next(iter(caches))], caches, dict.fromkeys(caches, state), split)
-    return {"target": target, "auroc": auroc, "site_auroc": per_site, "sites": info,
-            "seconds": time.perf_counter() - t0, "state": state}
+    result = {"target": target, "sites": info, "seconds": time.perf_counter() - t0, "state": state}
+    if score:
+        cfg0 = site_cfgs[next(iter(caches))]
+        result["auroc"], result["site_auroc"] = scored_auroc(cfg0, caches, dict.fromkeys(caches, state), split)
+    return result
 
 
 def each_site_alone(base: dict, caches: dict[str, Path], target: float | None, split: str = "test") -> dict:
@@ -126,7 +130,7 @@ def each_site_alone(base: dict, caches: dict[str, Path], target: float | None, s
     under DP, the same noise: it depends only on the site's units and schedule), and its own
     model scores its own ``split``; pooled = those predictions concatenated."""
     t0 = time.perf_counter()
-    runs = {site: federate(base, {site: cache}, target, split) for site, cache in caches.items()}
+    runs = {site: federate(base, {site: cache}, target, split, score=False) for site, cache in caches.items()}
     cfg = load_run_config({**base, "dp": target is not None})
     auroc, per_site = scored_auroc(cfg, caches, {site: r["state"] for site, r in runs.items()}, split)
     return {"target": target, "auroc": auroc, "site_auroc": per_site,
@@ -197,7 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--dp-local-epochs", type=int, default=DEFAULTS["dp-local-epochs"],
                    help="local epochs per round under DP (0 = --local-epochs)")
     p.add_argument("--dp-batch-size", type=int, default=DEFAULTS["dp-batch-size"],
-                   help="DP logical batch (expected Poisson sample)")
+                   help="DP logical batch (expected Poisson sample); 0 = min(512, N // 3) at each site")
+    p.add_argument("--dp-warmup-steps", type=int, default=DEFAULTS["dp-warmup-steps"],
+                   help="DP learning-rate warm-up steps per round")
     p.add_argument("--dp-lr", type=float, default=DEFAULTS["dp-lr"])
     p.add_argument("--dp-clip", type=float, default=DEFAULTS["dp-max-grad-norm"])
     p.add_argument("--epsilons", default="1,3,10")
@@ -220,7 +226,8 @@ def main(argv=None) -> int:
     base = {"model": args.model, "preset": args.preset, "synthetic-records": args.records, "sites": args.sites,
             "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
             "dp-local-epochs": args.dp_local_epochs, "device": "cpu",
-            "dp-batch-size": args.dp_batch_size, "dp-lr": args.dp_lr, "dp-max-grad-norm": args.dp_clip}
+            "dp-batch-size": args.dp_batch_size, "dp-lr": args.dp_lr, "dp-max-grad-norm": args.dp_clip,
+            "dp-warmup-steps": args.dp_warmup_steps}
     cfg = load_run_config(base)
     caches = {site: ensure_cache(site, "", cfg) for site in cfg.site_list}
     step_site = "ptbxl" if "ptbxl" in caches else next(iter(caches))
@@ -251,11 +258,12 @@ def main(argv=None) -> int:
             print(f"{label}, {kind}: {where} macro AUROC {r['auroc']:.3f} ({r['seconds']:.0f} s) "
                   + json.dumps(r["sites"]), flush=True)
     print()
+    dp_batch = args.dp_batch_size or "min(512, N // 3)"
     print(f"bench/dp: SYNTHETIC data, {args.model}/{args.preset}, {len(caches)} sites x {args.records} records, "
-          f"{args.rounds} rounds x {args.local_epochs} local epochs; DP: {args.dp_local_epochs or args.local_epochs} local "
-          f"epochs per round, unit record, logical batch "
-          f"{args.dp_batch_size}, lr {args.dp_lr:g} (warm-up {DEFAULTS['dp-warmup-steps']} steps per round), "
-          f"clip {args.dp_clip:g}, delta 1/(10 N)")
+          f"{args.rounds} rounds; no DP: {args.local_epochs} local epochs per round, batch {cfg.batch_size}, "
+          f"lr {cfg.lr:g}; DP: {args.dp_local_epochs or args.local_epochs} local epochs per round, unit record, "
+          f"logical batch {dp_batch}, lr {args.dp_lr:g} (warm-up {args.dp_warmup_steps} steps per round), "
+          f"clip {args.dp_clip:g}, delta 1/(10 N) (each at its own defaults: docs/privacy.md)")
     sites = list(caches)
     print(f"| run | epsilon per site (after all rounds) | noise multiplier | {where} macro AUROC | cost vs no DP | "
           + " | ".join(f"{s} {args.split}" for s in sites) + " |")

@@ -121,8 +121,9 @@ def bench_model(model: str, rounds: int, records: int, nodes: int | None, cpus: 
     site = "ptb"  # the site with the most windows: the most steps per call
     torch.manual_seed(0)
     plain = step_time(cfg, ensure_cache(site, "", cfg), site, new_model(cfg).state_dict())
-    # the DP step at the plain step's batch (DP runs default to their own logical batch, dp-batch-size)
-    dp_cfg = load_run_config({**overrides, "dp": True, "dp-batch-size": int(cfg.batch_size)})
+    # the DP step at the plain step's batch and epochs (DP runs default to their own: dp-batch-size,
+    # dp-local-epochs)
+    dp_cfg = load_run_config({**overrides, "dp": True, "dp-batch-size": int(cfg.batch_size), "dp-local-epochs": 0})
     torch.manual_seed(0)
     private = step_time(dp_cfg, ensure_cache(site, "", dp_cfg), site, new_model(dp_cfg).state_dict())
     fed_round = statistics.median(fed_rounds[1:] or fed_rounds)

@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "dp-delta": 0.0,
     "dp-epsilon-budget": 0.0,
     "dp-unit": "record",
-    "dp-batch-size": 512,
+    "dp-batch-size": 0,
     "dp-lr": 0.01,
     "dp-local-epochs": 4,
     "dp-warmup-steps": 2,
@@ -143,7 +143,8 @@ def _validate(cfg: DictConfig) -> None:
     need(_is_num(cfg.dp_max_grad_norm) and cfg.dp_max_grad_norm > 0, "dp-max-grad-norm", "must be > 0")
     need(_is_num(cfg.dp_delta) and 0 <= cfg.dp_delta < 1, "dp-delta", "must be in [0, 1) (0 = 1/(10 N) at each site)")
     need(cfg.dp_unit in DP_UNITS, "dp-unit", f"choose one of {list(DP_UNITS)}")
-    need(_is_int(cfg.dp_batch_size) and cfg.dp_batch_size >= 1, "dp-batch-size", "must be an integer >= 1")
+    need(_is_int(cfg.dp_batch_size) and cfg.dp_batch_size >= 0, "dp-batch-size",
+         "must be an integer >= 0 (0 = min(512, N // 3) at each site)")
     need(_is_num(cfg.dp_lr) and cfg.dp_lr > 0, "dp-lr", "must be > 0")
     need(_is_int(cfg.dp_local_epochs) and cfg.dp_local_epochs >= 0, "dp-local-epochs", "must be an integer >= 0 (0 = local-epochs)")
     need(_is_int(cfg.dp_warmup_steps) and cfg.dp_warmup_steps >= 0, "dp-warmup-steps", "must be an integer >= 0 (0 = none)")
@@ -230,6 +231,27 @@ def dp_delta(cfg: DictConfig, n_units: int | None) -> float:
     if not n_units:
         raise ConfigError("run config: dp-delta = 0 (automatic) needs the site's number of units")
     return 1.0 / (10.0 * n_units)
+
+
+def dp_epochs(cfg: DictConfig) -> int:
+    """Local epochs per round under DP: ``dp-local-epochs``, or ``local-epochs`` where it is 0."""
+    return int(cfg.dp_local_epochs) or int(cfg.local_epochs)
+
+
+#: The DP logical batch where ``dp-batch-size = 0``: ``min(DP_BATCH_CAP, N // 3)`` at a site of N units.
+DP_BATCH_CAP = 512
+
+
+def dp_logical_batch(requested: int, n_units: int) -> int:
+    """The DP logical batch (expected Poisson sample) at a site of ``n_units`` units.
+
+    ``requested > 0`` is used as given; ``0`` means ``min(512, N // 3)`` (at least 1): large
+    batches cost less epsilon per unit of noise removed (docs/privacy.md, "The DP defaults"),
+    and at most a third of the site's units keeps the sampling's privacy amplification (a batch
+    of every unit is sampled with rate 1). N is a public count (docs/privacy.md)."""
+    if requested > 0:
+        return int(requested)
+    return max(1, min(DP_BATCH_CAP, int(n_units) // 3))
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from shared.federation.run_config import dp_config_dict, input_samples
+from shared.federation.run_config import dp_config_dict, dp_epochs, dp_logical_batch, input_samples
 from shared.data.loader import WindowDataset
 from shared.models import build_model
 from shared.privacy.ledger import Ledger, check_writable, locked
@@ -99,8 +99,8 @@ def train_site(cfg: DictConfig, cache: Path, site: str, server_round: int,
     except ValueError as exc:
         raise PrivacyRefused(str(exc)) from None
     policy.check_run(dp=True, noise_multiplier=dp.noise_multiplier, delta=dp.delta, unit=unit)
-    epochs = int(cfg.dp_local_epochs) or int(cfg.local_epochs)
-    batch_size = int(cfg.dp_batch_size)
+    epochs = dp_epochs(cfg)
+    batch_size = dp_logical_batch(int(cfg.dp_batch_size), n_units)
     sample_rate, steps = sample_rate_and_steps(n_units, batch_size, epochs)
     if state_dir is None:  # no ledger (benchmarks, unit tests): the caller keeps dp_state
         outcome = _train(cfg, cache, 0, global_state, site_local, proximal_mu, unit=unit, dp=dp, dp_state=dp_state,
