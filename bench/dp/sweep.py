@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--epsilon", type=float, default=10.0, help="target epsilon after all epochs; 0 = no DP")
     p.add_argument("--rounds", type=int, default=DEFAULTS["num-server-rounds"])
     p.add_argument("--local-epochs", type=int, default=DEFAULTS["dp-local-epochs"] or DEFAULTS["local-epochs"])
-    p.add_argument("--batch", default=str(DEFAULTS["dp-batch-size"]), help="logical batches, comma-separated")
+    p.add_argument("--batch", default=str(DEFAULTS["dp-batch-size"]),
+                   help="logical batches, comma-separated (0 = min(512, N // 3))")
     p.add_argument("--lr", default=str(DEFAULTS["dp-lr"]), help="learning rates, comma-separated")
     p.add_argument("--warmup", default=str(DEFAULTS["dp-warmup-steps"]), help="warm-up steps per round, comma-separated")
     p.add_argument("--clip", type=float, default=DEFAULTS["dp-max-grad-norm"])
